@@ -1,0 +1,166 @@
+"""Input validation shared by every backend (SPEC.md sections 1, 2 and 6).
+
+Every public op checks its arguments here, once, before any backend runs, so
+that a user gets the same message whichever implementation was chosen. Each
+message says what is wrong and what to do about it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Geometry of the patch grid of SPEC.md section 1."""
+
+    stride_y: int  # s along rows: H / h
+    stride_x: int  # s along columns: W / w
+    patch: int  # p, in feature cells
+    rows: int  # R = h // p
+    cols: int  # Q = w // p
+
+    @property
+    def num_patches(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def window_y(self) -> int:
+        """Height in mask pixels of one patch: p * s."""
+        return self.patch * self.stride_y
+
+    @property
+    def window_x(self) -> int:
+        return self.patch * self.stride_x
+
+
+def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(
+            f"{name} must have shape (B, 1, H, W), got {tuple(mask.shape)}; "
+            f"add the channel axis with {name}.unsqueeze(1) or keep one channel"
+        )
+    if mask.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (B = 0); pass at least one image")
+    if mask.shape[2] == 0 or mask.shape[3] == 0:
+        raise ValueError(f"{name} has an empty spatial size {tuple(mask.shape[2:])}")
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool, integer or floating point, got {mask.dtype}")
+
+
+def check_feature_map(feat: torch.Tensor, name: str = "feat") -> None:
+    if not isinstance(feat, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(feat).__name__}")
+    if feat.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, h, w), got {tuple(feat.shape)}")
+    if feat.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (B = 0); pass at least one image")
+    if not feat.is_floating_point():
+        raise ValueError(f"{name} must be floating point (fp32, bf16, fp16 or fp64), got {feat.dtype}")
+
+
+def integer_stride(full: int, reduced: int, axis: str, what: str) -> int:
+    """`full / reduced` as an int, or a ValueError naming both sizes."""
+    if reduced <= 0 or full % reduced != 0:
+        raise ValueError(
+            f"the {what} stride along {axis} is not an integer: the mask has {full} pixels "
+            f"and the {what} {reduced}; SPEC requires H / h to be an integer, so resize the "
+            f"image to a multiple of the network stride (e.g. 512)"
+        )
+    return full // reduced
+
+
+def patch_grid(mask_hw: tuple[int, int], feature_hw: tuple[int, int], patch: int) -> PatchGrid:
+    """Validate the feature stride and the patch size and return the grid."""
+    H, W = int(mask_hw[0]), int(mask_hw[1])
+    h, w = int(feature_hw[0]), int(feature_hw[1])
+    sy = integer_stride(H, h, "rows", "feature map")
+    sx = integer_stride(W, w, "columns", "feature map")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(
+            f"patch must be a positive integer number of feature cells, got {patch!r}; "
+            f"it is patch_px / stride (16 px / stride 2 = 8 at stage 1)"
+        )
+    R, Q = h // patch, w // patch
+    if R == 0 or Q == 0:
+        raise ValueError(
+            f"the feature map ({h}x{w}) is smaller than one patch ({patch}x{patch} cells): "
+            f"no patch fits; use a larger image or a smaller patch"
+        )
+    return PatchGrid(stride_y=sy, stride_x=sx, patch=patch, rows=R, cols=Q)
+
+
+def patch_cells(patch_px: int, stride: int) -> int:
+    """p = patch_px / s, or a ValueError if the stride does not divide the patch."""
+    if patch_px % stride != 0:
+        raise ValueError(
+            f"the patch size of {patch_px} px is not a whole number of feature cells at stride "
+            f"{stride}; choose patch_px as a multiple of {stride}"
+        )
+    return patch_px // stride
+
+
+def check_tol(tol: float) -> None:
+    if not 0.0 <= float(tol) < 0.5:
+        raise ValueError(f"tol must be in [0, 0.5), got {tol}")
+
+
+def check_same_batch(**tensors: torch.Tensor) -> None:
+    sizes = {name: t.shape[0] for name, t in tensors.items()}
+    if len(set(sizes.values())) > 1:
+        desc = ", ".join(f"{n} has {b}" for n, b in sizes.items())
+        raise ValueError(f"batch sizes differ ({desc}); pass the masks of the same images")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors are on different devices ({desc}); move them to one device")
+
+
+def check_anchor(anchor: torch.Tensor, batch: int, length: int, name: str) -> None:
+    if not isinstance(anchor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(anchor).__name__}")
+    if tuple(anchor.shape) != (batch, length):
+        raise ValueError(
+            f"{name} must have shape (B, D) = ({batch}, {length}) with D = C * p * p, "
+            f"got {tuple(anchor.shape)}"
+        )
+
+
+def check_labels(labels: torch.Tensor, batch: int, num_patches: int) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != (batch, num_patches):
+        raise ValueError(
+            f"labels must have shape (B, L) = ({batch}, {num_patches}), got {tuple(labels.shape)}; "
+            f"compute them with patch_labels(mask, feat.shape[-2:], patch)"
+        )
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor (uint8), got {labels.dtype}")
+
+
+def check_logits(logits: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """Check one prediction against the mask; return its strides (s_y, s_x)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"logits must have shape (B, 1, h, w), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    check_same_batch(logits=logits, mask=mask)
+    check_same_device(logits=logits, mask=mask)
+    sy = integer_stride(mask.shape[2], logits.shape[2], "rows", "prediction")
+    sx = integer_stride(mask.shape[3], logits.shape[3], "columns", "prediction")
+    return sy, sx
+
+
+def check_pc_args(mu: float, radius: int) -> None:
+    if not 0.0 <= float(mu) <= 1.0:
+        raise ValueError(f"mu must be in [0, 1], got {mu}")
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer (pixels), got {radius!r}")

@@ -1,0 +1,31 @@
+"""The trainable NCL model: DeepLabV3+, the Pivot and the loss in one module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .deeplab import DeepLabV3Plus
+from .loss import LossConfig, NCLCriterion
+from .pivot import Pivot
+
+
+class NCLModel(nn.Module):
+    """`forward(image, mask=None)` returns `logits`, `pred_mask` (sigmoid) and, given
+    a mask, the loss dict of `NCLCriterion` (`loss`, `ncl`, `pc` / `bce`).
+
+    The Pivot is built for the variants that use it (`pivot`, `full`) only.
+    """
+
+    def __init__(self, backbone: int = 101, pivot_stage: int = 1, loss: LossConfig | None = None):
+        super().__init__()
+        self.net = DeepLabV3Plus(backbone, pivot_stage)
+        self.criterion = NCLCriterion(loss)
+        uses_pivot = self.criterion.config.variant != "base"
+        self.pivot = Pivot(self.net.feature_channels) if uses_pivot else None
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        out = self.net(image)
+        result = {"logits": out["logits"], "pred_mask": torch.sigmoid(out["logits"])}
+        if mask is not None:
+            result.update(self.criterion(out, mask, self.pivot))
+        return result
