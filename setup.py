@@ -1,9 +1,51 @@
 """Build and install ncl_fast.
 
-The Triton code in `kernels/` installs as `ncl_fast.kernels` (a top-level
-`kernels` module would collide with other packages).
+* The Triton code in `kernels/` installs as `ncl_fast.kernels` (a top-level
+  `kernels` module would collide with other packages).
+* The C++/CUDA extension `ncl_fast._C` (sources in `csrc/`) is built with ninja:
+  a CUDA extension where torch is a CUDA build and nvcc is found, for the
+  architectures in `TORCH_CUDA_ARCH_LIST` (default sm_80 and sm_90), a CPU-only
+  one otherwise (or with `NCL_FAST_FORCE_CPU=1`). `NCL_FAST_BUILD_EXT=0` skips
+  it; it is then compiled on first use (`ncl_fast._cuda_ops`).
+
+torch must already be installed: `pip install --no-build-isolation -e .`.
 """
+import importlib.util
+import os
+
 from setuptools import setup
+
+
+def _ext_sources():
+    """Load ncl_fast/_ext_sources.py alone (importing the package would import all of it)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ncl_fast", "_ext_sources.py")
+    spec = importlib.util.spec_from_file_location("_ncl_fast_ext_sources", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("NCL_FAST_BUILD_EXT", "1") != "0":
+    from torch.utils import cpp_extension
+
+    cfg = _ext_sources().extension_config(cpp_extension.CUDA_HOME)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    Ext = cpp_extension.CUDAExtension if cfg["with_cuda"] else cpp_extension.CppExtension
+    print(
+        f"ncl_fast: building ncl_fast._C ({'CUDA ' + os.environ['TORCH_CUDA_ARCH_LIST'] if cfg['with_cuda'] else 'CPU only'}: "
+        f"{cfg['why']})",
+        flush=True,
+    )
+    ext_modules = [
+        Ext(
+            "ncl_fast._C",
+            sources=cfg["sources"],
+            define_macros=cfg["define_macros"],
+            extra_compile_args={"cxx": cfg["cxx_flags"], "nvcc": cfg["nvcc_flags"]},
+        )
+    ]
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 setup(
     name="ncl_fast",
@@ -12,8 +54,10 @@ setup(
     python_requires=">=3.10",
     packages=["ncl_fast", "ncl_fast.reference", "ncl_fast.model", "ncl_fast.kernels"],
     package_dir={"ncl_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "ninja", "pybind11"],
     extras_require={
         "test": ["pytest>=7"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

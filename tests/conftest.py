@@ -19,3 +19,17 @@ def gen(request):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     return g
+
+
+def require_backend(backend: str, op: str) -> None:
+    """Skip (or fail, where NCL_FAST_REQUIRE=<backend,...> says it must be there, as in CI)
+    when `backend` cannot run `op` on CPU tensors here."""
+    from ncl_fast import _backend
+
+    reason = _backend.unavailable_reason(backend, op, torch.device("cpu"))
+    if reason is None:
+        return
+    required = os.environ.get("NCL_FAST_REQUIRE", "").split(",")
+    if backend in required:
+        pytest.fail(f"NCL_FAST_REQUIRE lists {backend}, but it cannot run {op}: {reason}")
+    pytest.skip(f"{backend} backend unavailable: {reason}")

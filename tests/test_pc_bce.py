@@ -1,10 +1,32 @@
+"""pc_bce / pc_loss: the reference and the C++ extension (its CPU kernel here),
+each against the float64 oracle of SPEC section 6."""
 import pytest
 import torch
 
 import oracles
+from conftest import require_backend
 from helpers import as_mask_dtype, random_mask
-from ncl_fast import reference
+from ncl_fast import functional
 from tolerances import SAME_VALUES
+
+
+class Impl:
+    """`functional.pc_bce` / `pc_loss` bound to one backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def pc_bce(self, logits, mask, mu=0.9, radius=2):
+        return functional.pc_bce(logits, mask, mu, radius, impl=self.name)
+
+    def pc_loss(self, logits_list, mask, mu=0.9, radius=2):
+        return functional.pc_loss(logits_list, mask, mu, radius, impl=self.name)
+
+
+@pytest.fixture(params=["reference", "cuda"])
+def impl(request):
+    require_backend(request.param, "pc_bce")
+    return Impl(request.param)
 
 
 def rel_close(got: torch.Tensor, want: float, dtype=torch.float32) -> None:
@@ -19,84 +41,195 @@ GEOMETRIES = [(2, 24, 40, 8), (1, 21, 15, 3), (2, 16, 12, 4), (2, 13, 9, 1), (1,
 @pytest.mark.parametrize("geom", GEOMETRIES)
 @pytest.mark.parametrize("radius", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", ["blobs", "all", "none", "noise"])
-def test_pc_bce_matches_oracle(geom, radius, kind, gen):
+def test_pc_bce_matches_oracle(impl, geom, radius, kind, gen):
     B, H, W, s = geom
     mask = random_mask(B, H, W, kind, gen)
     logits = 3 * torch.randn(B, 1, H // s, W // s, generator=gen)
     mu = float(torch.rand(1, generator=gen))
-    got = reference.pc_bce(logits, mask, mu, radius)
+    got = impl.pc_bce(logits, mask, mu, radius)
     assert got.dtype == torch.float32 and got.dim() == 0
     rel_close(got, oracles.pc_bce(logits, mask, mu, radius))
 
 
-def test_pc_bce_one_pixel_mask(gen):
+def test_pc_bce_one_pixel_mask(impl, gen):
     mask = torch.zeros(1, 1, 9, 11)
     mask[0, 0, 4, 5] = 1
     logits = torch.randn(1, 1, 9, 11, generator=gen)
     for r in range(4):
-        rel_close(reference.pc_bce(logits, mask, 0.9, r), oracles.pc_bce(logits, mask, 0.9, r))
+        rel_close(impl.pc_bce(logits, mask, 0.9, r), oracles.pc_bce(logits, mask, 0.9, r))
         # mu = 1: the band of radius r is the (2r+1)^2 square around the pixel
         square = logits[0, 0, 4 - r : 5 + r, 5 - r : 6 + r]
         target = mask[0, 0, 4 - r : 5 + r, 5 - r : 6 + r]
         want = torch.nn.functional.binary_cross_entropy_with_logits(square, target) if r else torch.tensor(0.0)
-        rel_close(reference.pc_bce(logits, mask, 1.0, r), want.item())
+        rel_close(impl.pc_bce(logits, mask, 1.0, r), want.item())
 
 
-def test_pc_bce_empty_band_term_is_zero(gen):
+def test_pc_bce_empty_band_term_is_zero(impl, gen):
     logits = torch.randn(2, 1, 8, 8, generator=gen)
     for mask in (torch.zeros(2, 1, 16, 16), torch.ones(2, 1, 16, 16)):
-        assert reference.pc_bce(logits, mask, 1.0, 2).item() == 0.0
+        assert impl.pc_bce(logits, mask, 1.0, 2).item() == 0.0
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, mask[:, :, ::2, ::2])
-        torch.testing.assert_close(reference.pc_bce(logits, mask, 0.0, 2), bce)
+        torch.testing.assert_close(impl.pc_bce(logits, mask, 0.0, 2), bce)
 
 
 @pytest.mark.parametrize("dtype", ["bool", "uint8", "soft"])
-def test_pc_bce_mask_dtypes(dtype, gen):
+def test_pc_bce_mask_dtypes(impl, dtype, gen):
     mask = random_mask(2, 24, 16, "blobs", gen)
     logits = torch.randn(2, 1, 6, 4, generator=gen)
-    rel_close(reference.pc_bce(logits, as_mask_dtype(mask, dtype, gen), 0.9, 1), oracles.pc_bce(logits, mask, 0.9, 1))
+    rel_close(impl.pc_bce(logits, as_mask_dtype(mask, dtype, gen), 0.9, 1), oracles.pc_bce(logits, mask, 0.9, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_pc_bce_half_logits(dtype, gen):
+def test_pc_bce_half_logits(impl, dtype, gen):
     mask = random_mask(2, 32, 24, "blobs", gen)
     logits = (3 * torch.randn(2, 1, 8, 6, generator=gen)).to(dtype)
-    got = reference.pc_bce(logits, mask, 0.9, 2)
+    got = impl.pc_bce(logits, mask, 0.9, 2)
     assert got.dtype == torch.float32
     rel_close(got, oracles.pc_bce(logits, mask, 0.9, 2), dtype)
 
 
-def test_pc_bce_channels_last_and_strided(gen):
+def test_pc_bce_channels_last_and_strided(impl, gen):
     mask = random_mask(2, 32, 24, "blobs", gen)
     logits = torch.randn(2, 1, 8, 6, generator=gen)
     want = oracles.pc_bce(logits, mask, 0.9, 2)
-    rel_close(reference.pc_bce(logits.to(memory_format=torch.channels_last), mask, 0.9, 2), want)
+    rel_close(impl.pc_bce(logits.to(memory_format=torch.channels_last), mask, 0.9, 2), want)
     wide = torch.zeros(2, 1, 8, 12)
     wide[..., ::2] = logits
-    rel_close(reference.pc_bce(wide[..., ::2], mask, 0.9, 2), want)
+    rel_close(impl.pc_bce(wide[..., ::2], mask, 0.9, 2), want)
 
 
-def test_pc_loss_sums_the_scales(gen):
+def test_pc_loss_sums_the_scales(impl, gen):
     mask = random_mask(2, 32, 32, "blobs", gen)
     preds = [torch.randn(2, 1, 32 // s, 32 // s, generator=gen) for s in (8, 4, 1)]
     want = sum(oracles.pc_bce(z, mask, 0.9, 2) for z in preds)
-    rel_close(reference.pc_loss(preds, mask, 0.9, 2), want)
+    rel_close(impl.pc_loss(preds, mask, 0.9, 2), want)
 
 
 @pytest.mark.parametrize("radius", [0, 2])
-def test_pc_bce_gradcheck(radius, gen):
+def test_pc_bce_gradcheck(impl, radius, gen):
     mask = random_mask(2, 12, 10, "blobs", gen)
     logits = torch.randn(2, 1, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z: reference.pc_bce(z, mask, 0.7, radius), (logits,))
+    assert torch.autograd.gradcheck(lambda z: impl.pc_bce(z, mask, 0.7, radius), (logits,))
 
 
-def test_pc_bce_gradient_formula(gen):
+def test_pc_bce_gradient_formula(impl, gen):
     # dL/dz = (sigmoid(z) - g) * (mu [in band] / |E| + (1 - mu) / n)
     mask = random_mask(2, 16, 16, "blobs", gen)
     z = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     mu, r = 0.9, 1
-    reference.pc_bce(z, mask, mu, r).backward()
+    impl.pc_bce(z, mask, mu, r).backward()
     G = oracles.shrunk_mask(mask, 8, 8)[:, None].double()
     E = oracles.contour_band(G[:, 0].bool(), r)[:, None].double()
     want = (torch.sigmoid(z.detach()) - G) * (mu * E / E.sum() + (1 - mu) / z.numel())
     torch.testing.assert_close(z.grad, want)
+
+
+# ---- the extension alone -------------------------------------------------------------------
+
+
+@pytest.fixture
+def ext():
+    require_backend("cuda", "pc_bce")
+    from ncl_fast import _cuda_ops
+
+    return _cuda_ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("radius", [0, 1, 3])
+def test_ext_gradients_match_reference(ext, dtype, radius, gen):
+    """Values and gradients at the three training scales, odd sizes, grad_output != 1."""
+    mask = random_mask(3, 72, 56, "blobs", gen)
+    grad_out = 0.5 + torch.rand((), generator=gen)
+    for s in (8, 4, 1):
+        z = (3 * torch.randn(3, 1, 72 // s, 56 // s, generator=gen)).to(dtype)
+        za = z.clone().requires_grad_()
+        zb = z.clone().requires_grad_()
+        a = functional.pc_bce(za, mask, 0.9, radius, impl="cuda")
+        b = functional.pc_bce(zb, mask, 0.9, radius, impl="reference")
+        (a * grad_out).backward()
+        (b * grad_out).backward()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert za.grad.dtype == dtype
+        # fp32 gradients agree to fp32 rounding; half ones to one unit of their last place
+        tol = {torch.float32: (1e-5, 1e-9), torch.bfloat16: (1e-2, 1e-6), torch.float16: (2e-3, 1e-7)}[dtype]
+        torch.testing.assert_close(za.grad, zb.grad, rtol=tol[0], atol=tol[1])
+
+
+def test_ext_is_deterministic(ext, gen):
+    mask = random_mask(4, 128, 96, "blobs", gen)
+    z = torch.randn(4, 1, 128, 96, generator=gen)
+    results = []
+    for threads in (1, 2, 1):
+        torch.set_num_threads(threads)
+        results.append(torch.ops.ncl_fast.pc_bce_stats(z, mask, 2))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_ext_opcheck(ext, gen):
+    mask = random_mask(2, 16, 24, "blobs", gen) > 0.5
+    z = torch.randn(2, 1, 8, 12, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.ncl_fast.pc_bce_stats, (z, mask, 2))
+    coef = torch.rand(2, dtype=torch.float64, generator=gen)
+    torch.library.opcheck(torch.ops.ncl_fast.pc_bce_backward, (z.detach(), mask, coef, 2))
+
+
+def test_ext_traces_under_torch_compile(ext, gen):
+    mask = random_mask(2, 32, 32, "blobs", gen)
+    preds = [torch.randn(2, 1, 32 // s, 32 // s, generator=gen, requires_grad=True) for s in (8, 4, 1)]
+
+    def loss_fn(a, b, c, m):
+        return functional.pc_loss([a, b, c], m, 0.9, 2, impl="cuda")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    got = compiled(*preds, mask)
+    got.backward()
+    grads = [p.grad.clone() for p in preds]
+    for p in preds:
+        p.grad = None
+    want = loss_fn(*preds, mask)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, p in zip(grads, preds):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_ext_errors(ext):
+    ops = torch.ops.ncl_fast
+    mask = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="stride is not an integer"):
+        ops.pc_bce_stats(torch.zeros(2, 1, 5, 8), mask, 2)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        ops.pc_bce_stats(torch.zeros(3, 1, 8, 8), mask, 2)
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, 1, h, w\)"):
+        ops.pc_bce_stats(torch.zeros(2, 2, 8, 8), mask, 2)
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, 1, H, W\)"):
+        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8), mask[:, 0], 2)
+    with pytest.raises(ValueError, match="logits must be floating point"):
+        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8, dtype=torch.int32), mask, 2)
+    with pytest.raises(ValueError, match="the mask must be bool, uint8"):
+        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8), mask.to(torch.int32), 2)
+    with pytest.raises(ValueError, match="radius must be a non-negative"):
+        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8), mask, -1)
+    with pytest.raises(ValueError, match="coef must hold 2 values"):
+        ops.pc_bce_backward(torch.zeros(2, 1, 8, 8), mask, torch.zeros(3, dtype=torch.float64), 2)
+    # through the public API: the same checks as every backend
+    with pytest.raises(ValueError, match="different devices"):
+        functional.pc_bce(torch.zeros(2, 1, 8, 8, device="meta"), mask, impl="cuda")
+    with pytest.raises(ValueError, match="stride along rows is not an integer"):
+        functional.pc_bce(torch.zeros(2, 1, 5, 8), mask, impl="cuda")
+
+
+def test_ext_other_mask_dtypes_are_binarized(ext, gen):
+    mask = random_mask(2, 16, 16, "blobs", gen)
+    z = torch.randn(2, 1, 8, 8, generator=gen)
+    want = functional.pc_bce(z, mask, impl="reference")
+    for m in (mask.double(), (mask * 3).to(torch.int64)):
+        torch.testing.assert_close(functional.pc_bce(z, m, impl="cuda"), want)
+
+
+def test_ext_build_info(ext):
+    info = ext.BUILD_INFO
+    assert isinstance(info["with_cuda"], bool) and info["torch_version"]
+    assert info["torch_version"] == torch.__version__.split("+")[0]
