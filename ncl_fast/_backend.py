@@ -104,6 +104,10 @@ def choose(op: str, impl: str | None, device: torch.device) -> tuple[str, Callab
         return impl, _load(impl).OPS[op]
     reasons = []
     for backend in PREFERENCE[op]:
+        if backend == "triton" and device.type != "cuda":
+            # the interpreter runs CPU tensors, but far slower than the reference
+            reasons.append("triton: used automatically for CUDA tensors only")
+            continue
         reason = unavailable_reason(backend, op, device)
         if reason is None:
             return backend, _load(backend).OPS[op]

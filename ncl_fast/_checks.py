@@ -164,3 +164,18 @@ def check_pc_args(mu: float, radius: int) -> None:
         raise ValueError(f"mu must be in [0, 1], got {mu}")
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
         raise ValueError(f"radius must be a non-negative integer (pixels), got {radius!r}")
+
+
+def check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch: int, tau: float) -> PatchGrid:
+    """Validate the arguments of `ncl_terms`; return the patch grid of the feature map."""
+    check_feature_map(feat)
+    if not float(tau) > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    B, C = feat.shape[:2]
+    grid = patch_grid(feat.shape[-2:], feat.shape[-2:], patch)
+    D = C * patch * patch
+    check_labels(labels, B, grid.num_patches)
+    check_anchor(anchor_pos, B, D, "anchor_pos")
+    check_anchor(anchor_neg, B, D, "anchor_neg")
+    check_same_device(feat=feat, labels=labels, anchor_pos=anchor_pos, anchor_neg=anchor_neg)
+    return grid

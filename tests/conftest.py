@@ -1,8 +1,13 @@
 import os
-import random
 
-import pytest
-import torch
+# Triton's interpreter runs the kernels on CPU tensors; it must be on before the
+# first import of Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Small CPU machines (CI has 2 cores): avoid oversubscription.
 torch.set_num_threads(min(4, os.cpu_count() or 1))

@@ -1,19 +1,35 @@
+"""ncl_terms: the reference and the Triton kernels (interpreter on the CPU), values
+against the float64 oracle of SPEC section 5, gradients against the reference
+(itself checked by gradcheck in float64)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import oracles
+from conftest import require_backend
 from helpers import random_mask, relative_error
-from ncl_fast import reference
-from tolerances import SAME_VALUES, VS_FP32_INPUT
+from ncl_fast import functional, reference
+from tolerances import GRADS, SAME_VALUES, VS_FP32_INPUT
 
-# (B, C, h, w, p): odd sizes, C not a power of two, single-patch images.
+# (B, C, h, w, p): odd sizes, C not a power of two, patch sizes 1..8, single-patch images.
 SHAPES = [
     (2, 5, 13, 11, 3),
     (3, 3, 9, 7, 1),
     (2, 7, 8, 8, 2),
     (1, 6, 4, 4, 4),  # a single patch
     (2, 4, 16, 12, 4),
+    (1, 3, 10, 11, 5),
+    (2, 2, 12, 13, 6),
+    (1, 3, 14, 15, 7),
+    (2, 3, 17, 16, 8),
 ]
+
+
+@pytest.fixture(params=["reference", "triton"])
+def impl(request):
+    require_backend(request.param, "ncl_terms")
+    return request.param
 
 
 def make_case(shape, kind, gen, dtype=torch.float32, s=2, tol=0.0):
@@ -30,67 +46,163 @@ def make_case(shape, kind, gen, dtype=torch.float32, s=2, tol=0.0):
 
 def check(got, want, rtol, atol):
     assert got.shape == want.shape
-    err = (got.double() - want).abs()
-    bad = err > atol + rtol * want.abs()
+    err = (got.double() - want.double()).abs()
+    bad = err > atol + rtol * want.double().abs()
     assert not bad.any(), f"max rel err {relative_error(got, want):.3g}; got {got[bad]}, want {want[bad]}"
+
+
+def terms_and_grads(impl, feat, labels, a_pos, a_neg, p, tau, grad_out):
+    leaves = [t.clone().requires_grad_() for t in (feat, a_pos, a_neg)]
+    terms = functional.ncl_terms(leaves[0], labels, leaves[1], leaves[2], p, tau, impl=impl)
+    (terms * grad_out).sum().backward()
+    return terms.detach(), [t.grad for t in leaves]
+
+
+def check_grads(got, want, dtype):
+    rtol, atol_scale = GRADS[dtype]
+    for name, g, r in zip(("feat", "anchor_pos", "anchor_neg"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        atol = atol_scale * max(r.abs().max().item(), 1e-30)
+        bad = (g.double() - r.double()).abs() > atol + rtol * r.double().abs()
+        assert not bad.any(), f"d{name}: {bad.sum().item()} values differ, max rel {relative_error(g, r):.3g}"
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["blobs", "all", "none", "aligned", "noise"])
-@pytest.mark.parametrize("tau", [0.1, 0.5])
-def test_ncl_terms_fp32_matches_oracle(shape, kind, tau, gen):
+def test_ncl_terms_fp32_matches_oracle(impl, shape, kind, gen):
+    tau = float(torch.empty(()).uniform_(0.07, 0.5, generator=gen))
     feat, labels, a_pos, a_neg = make_case(shape, kind, gen)
-    got = reference.ncl_terms(feat, labels, a_pos, a_neg, shape[-1], tau)
-    assert got.dtype == torch.float32
-    want = oracles.ncl_terms(feat, labels, a_pos, a_neg, shape[-1], tau)
-    check(got, want, *SAME_VALUES[torch.float32])
+    grad_out = torch.rand(shape[0], 3, generator=gen) + 0.5  # grad_output != 1
+    got, grads = terms_and_grads(impl, feat, labels, a_pos, a_neg, shape[-1], tau, grad_out)
+    assert got.dtype == torch.float32 and got.shape == (shape[0], 3)
+    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, shape[-1], tau), *SAME_VALUES[torch.float32])
     if kind in ("all", "none"):  # one of P, N is empty: every term is undefined
         assert (got == 0).all()
+        assert all((g == 0).all() for g in grads)
     if kind == "aligned":  # no contour patch: no anchors
         assert (got[:, 1:] == 0).all()
+    if impl != "reference":
+        _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, shape[-1], tau, grad_out)
+        check_grads(grads, want, torch.float32)
 
 
-def test_ncl_terms_with_tol(gen):
+def test_ncl_terms_with_tol(impl, gen):
     shape = (2, 5, 12, 12, 4)
     feat, labels, a_pos, a_neg = make_case(shape, "noise", gen, tol=0.3)
     want = oracles.ncl_terms(feat, labels, a_pos, a_neg, 4)
-    check(reference.ncl_terms(feat, labels, a_pos, a_neg, 4), want, *SAME_VALUES[torch.float32])
+    check(functional.ncl_terms(feat, labels, a_pos, a_neg, 4, impl=impl), want, *SAME_VALUES[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_ncl_terms_half_inputs(dtype, gen):
+def test_ncl_terms_half_inputs(impl, dtype, gen):
     shape = (2, 5, 13, 11, 3)
     feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
-    got = reference.ncl_terms(feat.to(dtype), labels, a_pos.to(dtype), a_neg.to(dtype), 3)
+    h = [t.to(dtype) for t in (feat, a_pos, a_neg)]
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    got, grads = terms_and_grads(impl, h[0], labels, h[1], h[2], 3, 0.1, grad_out)
     assert got.dtype == torch.float32
-    same = oracles.ncl_terms(feat.to(dtype), labels, a_pos.to(dtype), a_neg.to(dtype), 3)
-    check(got, same, *SAME_VALUES[dtype])
+    check(got, oracles.ncl_terms(h[0], labels, h[1], h[2], 3), *SAME_VALUES[dtype])
     check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, 3), *VS_FP32_INPUT[dtype])
+    assert all(g.dtype == dtype for g in grads)
+    if impl != "reference":
+        _, want = terms_and_grads("reference", h[0], labels, h[1], h[2], 3, 0.1, grad_out)
+        check_grads(grads, want, dtype)
 
 
-def test_ncl_terms_layouts(gen):
+def test_ncl_terms_layouts(impl, gen):
     shape = (2, 5, 13, 11, 3)
     feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
     want = oracles.ncl_terms(feat, labels, a_pos, a_neg, 3)
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    _, want_grads = terms_and_grads("reference", feat, labels, a_pos, a_neg, 3, 0.1, grad_out)
     cl = feat.to(memory_format=torch.channels_last)
     assert not cl.is_contiguous()
-    check(reference.ncl_terms(cl, labels, a_pos, a_neg, 3), want, *SAME_VALUES[torch.float32])
+    got, grads = terms_and_grads(impl, cl, labels, a_pos, a_neg, 3, 0.1, grad_out)
+    check(got, want, *SAME_VALUES[torch.float32])
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)  # the map's own layout
+    check_grads(grads, want_grads, torch.float32)
     # a non-contiguous view (every other column of a wider map) and strided anchors
     wide = torch.zeros(2, 5, 13, 22)
     wide[..., ::2] = feat
     a_wide = torch.stack([a_pos, a_neg], dim=2)
-    got = reference.ncl_terms(wide[..., ::2], labels, a_wide[..., 0], a_wide[..., 1], 3)
+    got = functional.ncl_terms(wide[..., ::2], labels, a_wide[..., 0], a_wide[..., 1], 3, impl=impl)
     check(got, want, *SAME_VALUES[torch.float32])
 
 
-def test_ncl_terms_accumulate_in_fp32(gen):
+def test_ncl_terms_accumulate_in_fp32(impl, gen):
     # bf16 features whose exact values are representable: an fp32 pipeline gives
     # the oracle's numbers to 1e-5, a bf16 one could not (bf16 has 8 bits of mantissa).
     shape = (2, 7, 8, 8, 2)
     feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=torch.bfloat16)
-    got = reference.ncl_terms(feat, labels, a_pos, a_neg, 2)
+    got = functional.ncl_terms(feat, labels, a_pos, a_neg, 2, impl=impl)
     want = oracles.ncl_terms(feat, labels, a_pos, a_neg, 2)
     assert relative_error(got, want) < 1e-5
+
+
+def test_ncl_terms_zero_feature_patches(impl, gen):
+    # |f| < eps: the F.normalize clamp; values and gradients stay finite and agree
+    shape = (2, 3, 8, 8, 2)
+    feat, labels, a_pos, a_neg = make_case(shape, "noise", gen)
+    feat[0, :, :2, :2] = 0  # patch 0 of image 0 is all zeros
+    a_pos[1] = 0
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    got, grads = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    check_grads(grads, want, torch.float32)
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the element count of every tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_no_l_by_l_buffer(impl, gen):
+    # 36 patches: an L x L matrix per image (2 * 1296 values) is larger than the
+    # whole feature map (2 * 3 * 12 * 12 = 864), so any such buffer stands out.
+    shape = (2, 3, 12, 12, 2)
+    feat, labels, a_pos, a_neg = make_case(shape, "noise", gen)
+    leaves = [t.clone().requires_grad_() for t in (feat, a_pos, a_neg)]
+    with AllocationRecorder() as rec:
+        terms = functional.ncl_terms(leaves[0], labels, leaves[1], leaves[2], 2, impl=impl)
+        terms.sum().backward()
+    L = 36
+    quadratic = [n for n in rec.numels if n >= shape[0] * L * L]
+    if impl == "reference":
+        assert quadratic, "the recorder must see the reference's (B, L, L) similarity matrix"
+    else:
+        assert not quadratic, f"buffers of {quadratic} elements: the fused op must not build L x L matrices"
+
+
+def test_ncl_terms_under_torch_compile(impl, gen):
+    shape = (2, 3, 8, 8, 2)
+    feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
+
+    def loss_fn(f, ap, an):
+        return functional.ncl_terms(f, labels, ap, an, 2, 0.1, impl=impl).sum(1).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    leaves = [t.clone().requires_grad_() for t in (feat, a_pos, a_neg)]
+    got = compiled(*leaves)
+    got.backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (feat, a_pos, a_neg)]
+    want = loss_fn(*ref_leaves)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---- the reference alone -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["blobs", "noise"])
@@ -108,14 +220,15 @@ def test_ncl_terms_gradients_only_where_used(gen):
     feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
     labels[1] = torch.where(labels[1] == 2, torch.zeros_like(labels[1]), labels[1])
     labels[1, 0], labels[1, 1] = 1, 1  # image 1: no contour, two tampered patches
-    feat.requires_grad_()
-    a_pos.requires_grad_()
-    a_neg.requires_grad_()
-    grad_out = torch.rand(2, 3, generator=gen) + 0.5
-    (reference.ncl_terms(feat, labels, a_pos, a_neg, 2) * grad_out).sum().backward()
-    # contour cells of the feature map: fold the per-patch flag back to (B, C, h, w)
-    flags = (labels == 2).float()[:, None, :].expand(2, 3 * 2 * 2, 16)
-    cells = torch.nn.functional.fold(flags, output_size=(8, 8), kernel_size=2, stride=2)
-    assert (feat.grad[cells.expand_as(feat) > 0] == 0).all()
-    assert (a_pos.grad[1] == 0).all() and (a_neg.grad[1] == 0).all()
-    assert feat.grad.abs().sum() > 0
+    labels[0, 2] = 2  # image 0: at least one contour patch
+    for impl in ("reference", "triton"):
+        if impl == "triton":
+            require_backend("triton", "ncl_terms")
+        grad_out = torch.rand(2, 3, generator=gen) + 0.5
+        _, (g_feat, g_pos, g_neg) = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+        # contour cells of the feature map: fold the per-patch flag back to (B, C, h, w)
+        flags = (labels == 2).float()[:, None, :].expand(2, 3 * 2 * 2, 16)
+        cells = torch.nn.functional.fold(flags, output_size=(8, 8), kernel_size=2, stride=2)
+        assert (g_feat[cells.expand_as(g_feat) > 0] == 0).all(), impl
+        assert (g_pos[1] == 0).all() and (g_neg[1] == 0).all(), impl
+        assert g_feat.abs().sum() > 0, impl

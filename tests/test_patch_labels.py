@@ -1,9 +1,18 @@
+"""patch_labels: the reference and the Triton kernel (interpreter on the CPU)
+against the float64 oracle of SPEC section 2; the Triton patch lists."""
 import pytest
 import torch
 
 import oracles
+from conftest import require_backend
 from helpers import as_mask_dtype, random_mask
-from ncl_fast import reference
+from ncl_fast import functional, reference
+
+
+@pytest.fixture(params=["reference", "triton"])
+def impl(request):
+    require_backend(request.param, "patch_labels")
+    return request.param
 
 # (B, h, w, stride_y, stride_x, p): odd sizes, trailing cells not covered by a patch,
 # one-patch images, the paper's stage-1 geometry (s=2, p=8) at a small size.
@@ -15,17 +24,19 @@ GEOMETRIES = [
     (2, 16, 16, 2, 2, 8),
     (1, 11, 13, 3, 3, 5),
     (2, 12, 9, 2, 2, 2),
+    (1, 12, 13, 1, 1, 6),
+    (2, 15, 14, 2, 2, 7),
 ]
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES)
 @pytest.mark.parametrize("kind", ["blobs", "all", "none", "aligned", "noise"])
 @pytest.mark.parametrize("tol", [0.0, 0.2])
-def test_patch_labels_matches_oracle(geom, kind, tol, gen):
+def test_patch_labels_matches_oracle(impl, geom, kind, tol, gen):
     B, h, w, sy, sx, p = geom
     H, W = h * sy, w * sx
     mask = random_mask(B, H, W, kind, gen, window=(p * sy, p * sx))
-    got = reference.patch_labels(mask, (h, w), p, tol)
+    got = functional.patch_labels(mask, (h, w), p, tol, impl=impl)
     want = oracles.patch_labels(mask, h, w, p, tol)
     assert got.dtype == torch.uint8 and got.shape == (B, (h // p) * (w // p))
     assert torch.equal(got, want), f"labels differ at {(got != want).nonzero().tolist()[:10]}"
@@ -37,22 +48,46 @@ def test_patch_labels_matches_oracle(geom, kind, tol, gen):
         assert (got != 2).all()
 
 
-@pytest.mark.parametrize("dtype", ["bool", "uint8", "soft", "float"])
-def test_patch_labels_mask_dtypes(dtype, gen):
+@pytest.mark.parametrize("dtype", ["bool", "uint8", "soft", "float", "bf16"])
+def test_patch_labels_mask_dtypes(impl, dtype, gen):
     mask = random_mask(2, 30, 42, "blobs", gen)
     want = oracles.patch_labels(mask, 15, 21, 4)
-    got = reference.patch_labels(as_mask_dtype(mask, dtype, gen), (15, 21), 4)
+    m = mask.to(torch.bfloat16) if dtype == "bf16" else as_mask_dtype(mask, dtype, gen)
+    got = functional.patch_labels(m, (15, 21), 4, impl=impl)
     assert torch.equal(got, want)
 
 
-def test_patch_labels_tolerance_boundaries():
+def test_patch_labels_strided_mask(impl, gen):
+    mask = random_mask(2, 24, 40, "blobs", gen)
+    wide = torch.zeros(2, 1, 24, 80)
+    wide[..., ::2] = mask
+    got = functional.patch_labels(wide[..., ::2], (12, 20), 3, impl=impl)
+    assert torch.equal(got, oracles.patch_labels(mask, 12, 20, 3))
+
+
+def test_patch_labels_tolerance_boundaries(impl):
     # One 2x2-pixel patch per image (s=1, p=2): 0..4 tampered pixels -> frac 0, .25, .5, .75, 1.
     masks = torch.zeros(5, 1, 2, 2)
     for k in range(5):
         masks[k].view(-1)[:k] = 1
-    assert reference.patch_labels(masks, 2, 2, tol=0.0).view(-1).tolist() == [0, 2, 2, 2, 1]
-    assert reference.patch_labels(masks, 2, 2, tol=0.25).view(-1).tolist() == [0, 0, 2, 1, 1]
-    assert reference.patch_labels(masks, 2, 2, tol=0.49).view(-1).tolist() == [0, 0, 2, 1, 1]
+    labels = lambda tol: functional.patch_labels(masks, 2, 2, tol=tol, impl=impl).view(-1).tolist()
+    assert labels(0.0) == [0, 2, 2, 2, 1]
+    assert labels(0.25) == [0, 0, 2, 1, 1]
+    assert labels(0.49) == [0, 0, 2, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ["blobs", "all", "none", "noise"])
+def test_patch_lists(kind, gen):
+    require_backend("triton", "patch_labels")
+    from ncl_fast import _triton_ops
+
+    labels = reference.patch_labels(random_mask(3, 40, 36, kind, gen), (20, 18), 2)
+    counts, perm = _triton_ops.patch_lists(labels)
+    for b in range(3):
+        lab = labels[b].long()
+        want = [torch.nonzero(lab == v).view(-1) for v in (1, 0, 2)]  # P, N, K, ascending
+        assert counts[b].tolist() == [len(x) for x in want]
+        assert torch.equal(perm[b].long(), torch.cat(want))
 
 
 def test_patch_features_order(gen):

@@ -17,3 +17,13 @@ VS_FP32_INPUT = {
     torch.bfloat16: (3e-2, 1e-3),
     torch.float16: (4e-3, 1e-4),
 }
+
+# Gradients of a fused backend against the reference's (itself checked by
+# gradcheck): (rtol, atol as a fraction of the largest reference gradient).
+# Half-precision gradients are fp32 values rounded to the input dtype, where one
+# unit in the last place may differ.
+GRADS = {
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}

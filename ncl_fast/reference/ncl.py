@@ -56,16 +56,7 @@ def ncl_terms(
     Returns:
         fp32 `(B, 3)` (fp64 for fp64 inputs). Undefined terms are 0.
     """
-    _checks.check_feature_map(feat)
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    B, C = feat.shape[:2]
-    grid = _checks.patch_grid(feat.shape[-2:], feat.shape[-2:], patch)
-    D = C * patch * patch
-    _checks.check_labels(labels, B, grid.num_patches)
-    _checks.check_anchor(anchor_pos, B, D, "anchor_pos")
-    _checks.check_anchor(anchor_neg, B, D, "anchor_neg")
-    _checks.check_same_device(feat=feat, labels=labels, anchor_pos=anchor_pos, anchor_neg=anchor_neg)
+    _checks.check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch, tau)
 
     dt = compute_dtype(feat.dtype)
     f = F.normalize(patch_features(feat.to(dt), patch), dim=-1, eps=EPS)  # (B, L, D)

@@ -1,0 +1,179 @@
+"""The Triton backend (`impl="triton"`): `patch_labels` and `ncl_terms`.
+
+Each op is a `torch.library.custom_op` with a fake (meta) kernel, and
+`ncl_terms` has its autograd registered on the op, so `torch.compile` traces a
+training step through the loss without a graph break. Counts and lists stay on
+the device: nothing in the forward or backward synchronizes with the host.
+
+Runs CUDA tensors, and CPU tensors when Triton's interpreter is on
+(`TRITON_INTERPRET=1` before the first import of Triton), which is how CI tests it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .kernels import ncl_terms as _k_ncl
+from .kernels import patch_labels as _k_labels
+
+FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if _k_ncl.INTERPRET else "Triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+    return f"Triton has no kernels for {device.type} tensors here"
+
+
+# ---- patch labels and lists -----------------------------------------------------------------
+
+
+@torch.library.custom_op("ncl_fast::patch_labels_triton", mutates_args=())
+def _patch_labels_op(mask: torch.Tensor, win_y: int, win_x: int, rows: int, cols: int, tol: float) -> torch.Tensor:
+    return _k_labels.patch_labels_fwd(mask, (win_y, win_x), (rows, cols), tol)
+
+
+@_patch_labels_op.register_fake
+def _(mask, win_y, win_x, rows, cols, tol):
+    return mask.new_empty(mask.shape[0], rows * cols, dtype=torch.uint8)
+
+
+@torch.library.custom_op("ncl_fast::patch_lists_triton", mutates_args=())
+def _patch_lists_op(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _k_labels.patch_lists_fwd(labels)
+
+
+@_patch_lists_op.register_fake
+def _(labels):
+    B, L = labels.shape
+    return labels.new_empty(B, 3, dtype=torch.int32), labels.new_empty(B, L, dtype=torch.int32)
+
+
+def patch_labels(mask: torch.Tensor, feature_size, patch: int, tol: float = 0.0) -> torch.Tensor:
+    """Same contract as `ncl_fast.reference.patch_labels`."""
+    _checks.check_mask(mask)
+    _checks.check_tol(tol)
+    if isinstance(feature_size, int):
+        feature_size = (feature_size, feature_size)
+    grid = _checks.patch_grid(mask.shape[-2:], tuple(feature_size), patch)
+    return _patch_labels_op(mask, grid.window_y, grid.window_x, grid.rows, grid.cols, float(tol))
+
+
+def patch_lists(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(counts (B, 3) int32 [|P|, |N|, |K|], perm (B, L) int32)`: the patch indices
+    grouped tampered, authentic, contour (each ascending)."""
+    return _patch_lists_op(labels)
+
+
+# ---- NCL terms ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ncl_fast::ncl_terms_triton", mutates_args=())
+def _ncl_terms_op(
+    feat: torch.Tensor,
+    labels: torch.Tensor,
+    anchor_pos: torch.Tensor,
+    anchor_neg: torch.Tensor,
+    patch: int,
+    rows: int,
+    cols: int,
+    tau: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # terms, counts, perm, then what the backward needs: nrm, nrma, sa, lse, w, lsea, wa
+    counts, perm = _k_labels.patch_lists_fwd(labels)
+    out = _k_ncl.ncl_terms_fwd(feat, anchor_pos, anchor_neg, counts, perm, patch, (rows, cols), tau)
+    terms, saved = out[0], out[1:]
+    return (terms, counts, perm) + tuple(saved)
+
+
+@_ncl_terms_op.register_fake
+def _(feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau):
+    B, L = feat.shape[0], rows * cols
+    f32 = dict(dtype=torch.float32, device=feat.device)
+    i32 = dict(dtype=torch.int32, device=feat.device)
+    return (
+        torch.empty(B, 3, **f32),  # terms
+        torch.empty(B, 3, **i32),  # counts
+        torch.empty(B, L, **i32),  # perm
+        torch.empty(B, L, **f32),  # nrm
+        torch.empty(B, 2, **f32),  # nrma
+        torch.empty(B, 2, L, **f32),  # sa
+        torch.empty(B, L, **f32),  # lse
+        torch.empty(B, L, **f32),  # w
+        torch.empty(B, 2, **f32),  # lsea
+        torch.empty(B, 2, **f32),  # wa
+    )
+
+
+@torch.library.custom_op("ncl_fast::ncl_terms_triton_bwd", mutates_args=())
+def _ncl_terms_bwd_op(
+    grad_terms: torch.Tensor,
+    feat: torch.Tensor,
+    anchor_pos: torch.Tensor,
+    anchor_neg: torch.Tensor,
+    counts: torch.Tensor,
+    perm: torch.Tensor,
+    nrm: torch.Tensor,
+    nrma: torch.Tensor,
+    sa: torch.Tensor,
+    lse: torch.Tensor,
+    w: torch.Tensor,
+    lsea: torch.Tensor,
+    wa: torch.Tensor,
+    patch: int,
+    rows: int,
+    cols: int,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    saved = (nrm, nrma, sa, lse, w, lsea, wa)
+    return _k_ncl.ncl_terms_bwd(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, saved, patch, (rows, cols), tau)
+
+
+@_ncl_terms_bwd_op.register_fake
+def _(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, nrm, nrma, sa, lse, w, lsea, wa, patch, rows, cols, tau):
+    return torch.empty_like(feat), torch.empty_like(anchor_pos), torch.empty_like(anchor_neg)
+
+
+def _ncl_setup(ctx, inputs, output):
+    feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau = inputs
+    _, counts, perm, *saved = output
+    ctx.save_for_backward(feat, anchor_pos, anchor_neg, counts, perm, *saved)
+    ctx.geometry = (patch, rows, cols, tau)
+
+
+def _ncl_backward(ctx, grad_terms, *unused_grads):
+    feat, anchor_pos, anchor_neg, counts, perm, *saved = ctx.saved_tensors
+    patch, rows, cols, tau = ctx.geometry
+    g_feat, g_pos, g_neg = _ncl_terms_bwd_op(
+        grad_terms.contiguous(), feat, anchor_pos, anchor_neg, counts, perm, *saved, patch, rows, cols, tau
+    )
+    return g_feat, None, g_pos, g_neg, None, None, None, None
+
+
+_ncl_terms_op.register_autograd(_ncl_backward, setup_context=_ncl_setup)
+
+
+def ncl_terms(
+    feat: torch.Tensor,
+    labels: torch.Tensor,
+    anchor_pos: torch.Tensor,
+    anchor_neg: torch.Tensor,
+    patch: int,
+    tau: float = 0.1,
+) -> torch.Tensor:
+    """Same contract as `ncl_fast.reference.ncl_terms` (fp32, fp16 and bf16 inputs)."""
+    grid = _checks.check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch, tau)
+    for name, t in (("feat", feat), ("anchor_pos", anchor_pos), ("anchor_neg", anchor_neg)):
+        if t.dtype not in FEATURE_DTYPES:
+            raise ValueError(
+                f"impl='triton' computes in fp32 from fp32/bf16/fp16 inputs; {name} is {t.dtype} "
+                f"(use impl='reference' for fp64, e.g. in gradcheck)"
+            )
+    return _ncl_terms_op(feat, labels.to(torch.uint8), anchor_pos, anchor_neg, patch, grid.rows, grid.cols, float(tau))[0]
+
+
+OPS = {"patch_labels": patch_labels, "ncl_terms": ncl_terms}
