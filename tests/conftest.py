@@ -1,13 +1,13 @@
 import os
+import random
 
-# Triton's interpreter runs the kernels on CPU tensors; it must be on before the
-# first import of Triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton's interpreter runs the kernels on CPU tensors (it must be
+# on before the first import of Triton, which `import torch` does not do).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Small CPU machines (CI has 2 cores): avoid oversubscription.
 torch.set_num_threads(min(4, os.cpu_count() or 1))
