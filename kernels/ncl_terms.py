@@ -58,16 +58,20 @@ import triton.language as tl
 #: True when Triton runs kernels on the CPU through its interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Block sizes: tl.dot needs every dimension >= 16. 32 rows x 32 columns keeps a
+# Block sizes (tl.dot needs every dimension >= 16). 32 rows x 32 columns keeps a
 # similarity tile at 1K fp32 values (8 registers per thread at 4 warps) while
-# amortizing the row tile's loads over 32 columns; BLOCK_K = 64 fp32 (256 B per
-# patch row) per load; BLOCK_D = 64 output columns bounds the backward's
-# accumulator to 32 x 64 fp32. To be tuned on the GPU (bench/bench_ncl_terms.py).
+# amortizing the row tile's loads over 32 columns; BLOCK_K = 64 elements (256 B
+# of an fp32 patch row) per load.
+# The backward never stores similarities, so each chunk of BLOCK_D output columns
+# recomputes its tiles over the full D: D / BLOCK_D recomputations (16 at D = 4096).
+# BLOCK_D = 256 with 8 warps holds the 32 x 256 fp32 accumulator in 32 registers
+# per thread. None of these is tuned on a GPU yet (bench/bench_ncl_loss.py).
 BLOCK_M = 32
 BLOCK_N = 32
 BLOCK_K = 64
-BLOCK_D = 64
+BLOCK_D = 256
 NUM_WARPS = 4
+NUM_WARPS_BWD = 8
 # fp32 x fp32 products: "ieee" keeps the 1e-5 parity with the reference;
 # "tf32x3" (near-fp32) or "tf32" trade accuracy for tensor-core speed.
 FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "ieee")
@@ -124,10 +128,10 @@ def _sim_tile(
         d_off, _ = _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST)
         a = tl.load(feat_b + poff_x[:, None] + d_off[None, :], mask=xmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:  # fp32 operands (the interpreter's bf16 dot is not exact)
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        if UPCAST:  # fp32 operands (fp32 inputs; the interpreter's bf16 dot is not exact)
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision=PRECISION)
+        else:  # bf16/fp16 products are exact in the fp32 accumulator
+            acc = tl.dot(a, tl.trans(b), acc)
     return acc * (rn_x * inv_tau)[:, None] * rn_y[None, :]
 
 
@@ -388,8 +392,12 @@ def _ncl_pair_bwd_kernel(
             t = tl.where(keep, c_row + c_col, 0.0)
             dot_x += tl.sum(t * s, axis=1)
             fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :],
-                         other=0.0).to(tl.float32)
-            acc = tl.dot(t, fy * rn_y[:, None], acc, input_precision=PRECISION)
+                         other=0.0)
+            t = t * rn_y[None, :]  # T @ hat F_y == (T diag(1/|f_y|)) @ F_y
+            if UPCAST:
+                acc = tl.dot(t, fy.to(tl.float32), acc, input_precision=PRECISION)
+            else:  # half inputs: tensor-core dot; the gradient is rounded to that dtype anyway
+                acc = tl.dot(t.to(fy.dtype), fy, acc)
 
     # 4. through the normalization, into the feature map's own layout
     fx = tl.load(feat_b + poff_x[:, None] + d_off[None, :], mask=xmask[:, None] & kdmask[None, :],
@@ -554,7 +562,7 @@ def ncl_terms_bwd(
         perm, counts, nrm, nrma, sa, lse, w, lsea, wa, gout,
         *fs, *gs, *as_, L, Q, C, patch, D, inv_tau, EPS,
         BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl,
-        UPCAST=_upcast(feat), PRECISION=FP32_DOT_PRECISION, num_warps=NUM_WARPS,
+        UPCAST=_upcast(feat), PRECISION=FP32_DOT_PRECISION, num_warps=NUM_WARPS_BWD,
     )
     _ncl_anchor_bwd_kernel[(B, 2, triton.cdiv(D, BLOCK_D))](
         feat, anchor_pos, anchor_neg, grad_pos, grad_neg,
