@@ -66,23 +66,39 @@ class DeepLabV3Plus(nn.Module):
 
     `forward(x)` returns a dict: `logits` `(B, 1, H, W)`; `aux`, the logits of the
     auxiliary heads on the ASPP output (stride 8) and on the decoder output
-    (stride 4); `features`, the backbone stage `pivot_stage` (1..5) for the Pivot.
+    (stride 4), empty without `aux_heads`; `features`, the backbone stage
+    `pivot_stage` (1..5) for the Pivot.
     """
 
     #: input sides must be multiples of this (the encoder's largest stride)
     size_multiple = 8
 
-    def __init__(self, backbone: int = 101, pivot_stage: int = 1, aspp_rates=(12, 24, 36)):
+    def __init__(
+        self,
+        backbone: int = 101,
+        pivot_stage: int = 1,
+        aspp_rates=(12, 24, 36),
+        aux_heads: bool = True,
+        dropout: float = 0.1,
+        width: int = 64,
+        head_channels: int = 256,
+    ):
         super().__init__()
         if pivot_stage not in (1, 2, 3, 4, 5):
             raise ValueError(f"pivot_stage must be 1..5 (ResNet stage numbering), got {pivot_stage}")
-        self.encoder = ResNetEncoder(backbone)
+        self.encoder = ResNetEncoder(backbone, width)
         self.pivot_stage = pivot_stage
-        self.aspp = ASPP(self.encoder.out_channels[-1], 256, tuple(aspp_rates))
-        self.decoder = Decoder(self.encoder.out_channels[1], self.aspp.out_channels)
+        self.aspp = ASPP(self.encoder.out_channels[-1], head_channels, tuple(aspp_rates), dropout)
+        # 48 low-level channels per 256 head channels, as in DeepLabV3+
+        low = max(8, head_channels * 48 // 256)
+        self.decoder = Decoder(self.encoder.out_channels[1], self.aspp.out_channels, low, head_channels)
         self.head = nn.Conv2d(self.decoder.out_channels, 1, 1)
-        self.aux_head_aspp = nn.Conv2d(self.aspp.out_channels, 1, 1)
-        self.aux_head_decoder = nn.Conv2d(self.decoder.out_channels, 1, 1)
+        # Only the `full` variant trains the auxiliary heads; without them no
+        # parameter goes unused (DistributedDataParallel requires that).
+        self.aux_heads = aux_heads
+        if aux_heads:
+            self.aux_head_aspp = nn.Conv2d(self.aspp.out_channels, 1, 1)
+            self.aux_head_decoder = nn.Conv2d(self.decoder.out_channels, 1, 1)
 
     @property
     def feature_channels(self) -> int:
@@ -107,8 +123,5 @@ class DeepLabV3Plus(nn.Module):
         a = self.aspp(stages[-1])
         d = self.decoder(a, stages[1])
         logits = F.interpolate(self.head(d), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {
-            "logits": logits,
-            "aux": [self.aux_head_aspp(a), self.aux_head_decoder(d)],
-            "features": stages[self.pivot_stage - 1],
-        }
+        aux = [self.aux_head_aspp(a), self.aux_head_decoder(d)] if self.aux_heads else []
+        return {"logits": logits, "aux": aux, "features": stages[self.pivot_stage - 1]}

@@ -59,7 +59,10 @@ class Pivot(nn.Module):
         is_contour = labels == CONTOUR  # (B, L)
         image_of, patch_of = is_contour.nonzero(as_tuple=True)
         if image_of.numel() == 0:
-            zeros = feat.new_zeros(B, D)
+            # No contour patch in the batch: zero anchors (ncl_terms ignores them),
+            # tied to the parameters so that every parameter gets a (zero) gradient.
+            tie = sum(p.sum() for p in self.parameters()) * 0.0
+            zeros = feat.new_zeros(B, D) + tie.to(feat.dtype)
             return zeros, zeros
         contour = cols[image_of, :, patch_of].reshape(-1, C, patch, patch)  # (k, C, p, p)
         counts = is_contour.sum(dim=1).clamp(min=1).to(feat.dtype)[:, None]  # (B, 1)

@@ -68,24 +68,29 @@ ARCHS = {
 class ResNetEncoder(nn.Module):
     """ResNet at output stride 8; `out_channels[i]` and `strides[i]` describe stage i+1."""
 
-    def __init__(self, depth: int = 101):
+    def __init__(self, depth: int = 101, width: int = 64):
+        """`width` is the stem's channel count (64 in ResNet); every stage scales with
+        it. Smaller widths are for quick CPU runs only (the `demo` preset)."""
         super().__init__()
         if depth not in ARCHS:
             raise ValueError(f"backbone depth must be one of {sorted(ARCHS)}, got {depth}")
+        if width < 8 or width % 8:
+            raise ValueError(f"width must be a positive multiple of 8, got {width}")
         block, layers = ARCHS[depth]
         self.depth = depth
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self._cin = 64
+        self._cin = w
         self._dilation = 1
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=True)  # dilation 2
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=True)  # dilation 4
+        self.layer1 = self._make_layer(block, w, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2, dilate=True)  # dilation 2
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2, dilate=True)  # dilation 4
         e = block.expansion
-        self.out_channels = (64, 64 * e, 128 * e, 256 * e, 512 * e)
+        self.out_channels = (w, w * e, 2 * w * e, 4 * w * e, 8 * w * e)
         self.strides = (2, 4, 8, 8, 8)
         self._init_weights()
 

@@ -1,0 +1,103 @@
+"""Pixel- and image-level metrics, exactly as IMDL-BenCo computes them (ECOSYSTEM.md).
+
+Per image, with `P = 1[p > 0.5]` (strictly greater), mask `m`, valid pixels `S`:
+  F1 = 2 prec rec / (prec + rec + 1e-8), prec = TP / (TP + FP + 1e-8), rec = TP / (TP + FN + 1e-8)
+  IoU = I / (sum(P S) + sum(m S) - I + 1e-8), I = TP
+  AUC over the valid pixels (ties count 1/2); an image with an empty mask scores 0.
+Dataset values are means over images, authentic images included (they score 0).
+Also reported, under distinct names: the means over tampered images only, and a
+dataset-level F1 from TP, FP, FN summed over all pixels. Image level: score =
+max of the prediction over valid pixels, label = any tampered pixel, F1 at 0.5
+and AUC over images.
+
+AUC is rank based (Mann-Whitney U with average ranks for ties) in torch, so it
+runs on the GPU over full-resolution images; the tests check it against
+scikit-learn's `roc_auc_score`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-8
+NAMES = ("pixel-level F1", "pixel-level AUC", "pixel-level IOU", "image-level F1", "image-level AUC")
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of `scores` for binary `labels` (ties count 1/2); nan with one class only."""
+    scores = scores.reshape(-1).double()
+    labels = labels.reshape(-1).bool()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    # average rank (1-based) of each group of tied scores
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg_rank = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(scores)
+    ranks[order] = avg_rank[inverse]
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).item()
+
+
+def image_metrics(pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
+    """Metrics of one image: `pred` (H, W) in [0, 1], `mask` (H, W) binary, `valid` (H, W) or None."""
+    pred = pred.reshape(pred.shape[-2:]).float()
+    m = mask.reshape(pred.shape).bool()
+    s = torch.ones_like(m) if valid is None else valid.reshape(pred.shape).bool()
+    P = (pred > 0.5) & s
+    ms = m & s
+    tp = (P & ms).sum().item()
+    fp = (P & ~m).sum().item()
+    fn = (~P & ms).sum().item()
+    prec = tp / (tp + fp + EPS)
+    rec = tp / (tp + fn + EPS)
+    f1 = 2 * prec * rec / (prec + rec + EPS)
+    iou = tp / (P.sum().item() + ms.sum().item() - tp + EPS)
+    tampered = bool(ms.any())
+    a = auc(pred[s], m[s]) if tampered else 0.0
+    if math.isnan(a):  # every valid pixel tampered: one class only
+        a = 0.0
+    score = pred[s].max().item() if s.any() else 0.0
+    return {"f1": f1, "iou": iou, "auc": a, "tp": tp, "fp": fp, "fn": fn, "tampered": tampered, "score": score,
+            "n_mask": int(ms.sum()), "n_valid": int(s.sum())}
+
+
+def summarize(per_image: list[dict]) -> dict:
+    """Dataset values from the per-image dicts of `image_metrics`."""
+    n = len(per_image)
+    if n == 0:
+        raise ValueError("no images to summarize")
+    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+    tampered = [r for r in per_image if r["tampered"]]
+    tp = sum(r["tp"] for r in per_image)
+    fp = sum(r["fp"] for r in per_image)
+    fn = sum(r["fn"] for r in per_image)
+    prec, rec = tp / (tp + fp + EPS), tp / (tp + fn + EPS)
+    labels = torch.tensor([r["tampered"] for r in per_image])
+    scores = torch.tensor([r["score"] for r in per_image])
+    pred_lab = scores > 0.5
+    itp = (pred_lab & labels).sum().item()
+    ifp = (pred_lab & ~labels).sum().item()
+    ifn = (~pred_lab & labels).sum().item()
+    iprec, irec = itp / (itp + ifp + EPS), itp / (itp + ifn + EPS)
+    return {
+        "pixel-level F1": mean("f1", per_image),
+        "pixel-level AUC": mean("auc", per_image),
+        "pixel-level IOU": mean("iou", per_image),
+        "image-level F1": 2 * iprec * irec / (iprec + irec + EPS),
+        "image-level AUC": auc(scores, labels),
+        "pixel-level F1 (tampered only)": mean("f1", tampered),
+        "pixel-level AUC (tampered only)": mean("auc", tampered),
+        "pixel-level F1 (dataset-level)": 2 * prec * rec / (prec + rec + EPS),
+        # what predicting "tampered" everywhere would score (prec = |m| / |S|, rec = 1)
+        "pixel-level F1 (all-tampered baseline)": sum(
+            2 * (r["n_mask"] / (r["n_valid"] + EPS)) / (r["n_mask"] / (r["n_valid"] + EPS) + 1 + EPS)
+            if r["n_mask"] else 0.0 for r in per_image) / n,
+        "images": n,
+        "tampered images": len(tampered),
+    }

@@ -1,0 +1,69 @@
+"""torchrun on the CPU: two gloo processes keep identical weights, and match one
+process with the same global batch.
+
+BatchNorm takes its statistics per process (SyncBatchNorm has no CPU kernel), so
+the one-process run uses the same global batch of 4 split into the two
+processes' micro-batches of 2 (`--accum_steps 2`): the two runs then differ only
+in the order of floating-point reductions, and after four SGD steps every
+parameter agrees to 1e-4 relative to its tensor's largest value. BatchNorm
+running statistics are not compared (DDP keeps rank 0's; accumulation updates
+them once per micro-batch). The comparison uses the `base` variant without
+dropout: the NCL/PC normalizations (|E| of the contour band, the Pivot's
+BatchNorm over contour patches) are per process by design.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ncl_fast import synth
+from ncl_fast.checkpoint import load_checkpoint
+
+ARGS = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
+        "--num_workers", "0", "--lr", "0.05", "--no-progress", "--if_resizing", "--variant", "base", "--dropout", "0",
+        "--epochs", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = synth.generate(tmp_path_factory.mktemp("synth"), n=18, seed=2, progress=False)
+    pairs = [[f"Tp/{p.name}", f"Gt/{p.name}"] for p in sorted((root / "Tp").glob("*.png"))]
+    (root / "train.json").write_text(json.dumps(pairs[:16]))
+    (root / "test.json").write_text(json.dumps(pairs[16:]))
+    return root
+
+
+def launch(cmd, tmp):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_two_processes_match_one(tmp_path, data):
+    common = ARGS + ["--data_path", str(data / "train.json"), "--test_data_path", str(data / "test.json")]
+    out2 = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "ncl_fast.train", *common, "--batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                  tmp_path)
+    assert "weights identical on all 2 processes" in out2
+    assert "batch 2 x 2 process(es)" in out2
+    launch([sys.executable, "-m", "ncl_fast.train", *common, "--batch_size", "4", "--accum_steps", "2",
+            "--output_dir", str(tmp_path / "one")], tmp_path)
+    a = load_checkpoint(tmp_path / "two" / "checkpoint-0.pth")
+    b = load_checkpoint(tmp_path / "one" / "checkpoint-0.pth")
+    assert a["global_step"] == b["global_step"] == 4
+    moved = 0
+    for key, wa in a["model"].items():
+        wb = b["model"][key]
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        scale = wb.abs().max().item() or 1.0
+        assert (wa - wb).abs().max().item() <= 1e-4 * scale, key
+        moved += 1
+    assert moved > 50
+    # each image of the test set was evaluated once, on one of the two processes
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.txt").read_text().splitlines()]
+    assert log[-1]["test_images"] == 2
