@@ -54,9 +54,29 @@ setup(
     python_requires=">=3.10",
     packages=["ncl_fast", "ncl_fast.reference", "ncl_fast.model", "ncl_fast.kernels"],
     package_dir={"ncl_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "ninja", "pybind11"],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "ninja",
+        "pybind11",
+        "pillow",
+        "scipy",
+        "scikit-image",
+        "tqdm",
+        "tensorboard",
+        "nvidia-ml-py",
+    ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "scikit-learn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ncl-train=ncl_fast.train:main",
+            "ncl-evaluate=ncl_fast.evaluate:main",
+            "ncl-predict=ncl_fast.predict:main",
+            "ncl-check-data=ncl_fast.check_data:main",
+            "ncl-synth=ncl_fast.synth:main",
+        ]
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -57,21 +57,64 @@ def test_full_model_every_pivot_stage(backbone, stage, gen):
         assert branch.conv.weight.grad is not None and branch.conv.weight.grad.abs().sum() > 0, name
 
 
-def test_pivot_anchors(gen):
-    pivot = Pivot(5).train()
-    feat = torch.randn(3, 5, 8, 8, generator=gen)
-    labels = torch.randint(0, 3, (3, 16), generator=gen, dtype=torch.uint8)
+def literal_anchors(pivot, feat, labels, p):
+    """SPEC section 4 literally: gather the contour patches, run each branch on that
+    (k, C, p, p) batch, average per image."""
+    cols = torch.nn.functional.unfold(feat, p, stride=p).transpose(1, 2)  # (B, L, D)
+    C = feat.shape[1]
+    contour = cols[labels == 2].view(-1, C, p, p)
+    owner = (labels == 2).nonzero()[:, 0]
+    out = []
+    for branch in (pivot.pos, pivot.neg):
+        y = branch(contour).view(len(contour), -1)
+        out.append(torch.stack([y[owner == b].mean(0) if (owner == b).any() else torch.zeros(y.shape[1])
+                                for b in range(feat.shape[0])]))
+    return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_pivot_matches_its_literal_definition(train, gen):
+    pivot = Pivot(5).train(train)
+    twin = Pivot(5).train(train)
+    for m in (pivot, twin):  # non-trivial BatchNorm state
+        torch.manual_seed(0)
+        for prm in m.parameters():
+            prm.data.uniform_(0.5, 1.5)
+        for b in (m.pos.bn, m.neg.bn):
+            b.running_mean.uniform_(-0.2, 0.2)
+            b.running_var.uniform_(0.5, 2.0)
+    feat = torch.randn(3, 5, 9, 11, generator=gen)  # trailing cells not covered by a 2x2 patch
+    labels = torch.randint(0, 3, (3, 20), generator=gen, dtype=torch.uint8)
     labels[2] = 0  # no contour patch in image 2
-    a_pos, a_neg = pivot(feat, labels, 2)
+    f1 = feat.clone().requires_grad_()
+    f2 = feat.clone().requires_grad_()
+    a_pos, a_neg = pivot(f1, labels, 2)
+    w_pos, w_neg = literal_anchors(twin, f2, labels, 2)
     assert a_pos.shape == a_neg.shape == (3, 20)
     assert (a_pos[2] == 0).all() and (a_neg[2] == 0).all()
-    # the anchor is the mean over the image's contour patches of the branch output
-    cols = torch.nn.functional.unfold(feat, 2, stride=2).transpose(1, 2)  # (B, L, D)
-    contour = cols[labels == 2].view(-1, 5, 2, 2)
-    out = pivot.pos(contour).view(-1, 20)
-    owner = (labels == 2).nonzero()[:, 0]
-    torch.testing.assert_close(a_pos[0], out[owner == 0].mean(0))
-    torch.testing.assert_close(a_pos[1], out[owner == 1].mean(0))
+    torch.testing.assert_close(a_pos, w_pos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a_neg, w_neg, rtol=1e-5, atol=1e-6)
+    (a_pos.sum() + 2 * a_neg.sum()).backward()
+    (w_pos.sum() + 2 * w_neg.sum()).backward()
+    torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-4, atol=1e-6)
+    for (n1, p1), (_, p2) in zip(pivot.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=n1)
+    for b1, b2 in ((pivot.pos.bn, twin.pos.bn), (pivot.neg.bn, twin.neg.bn)):
+        torch.testing.assert_close(b1.running_mean, b2.running_mean)
+        torch.testing.assert_close(b1.running_var, b2.running_var)
+
+
+def test_pivot_without_contour_patches(gen):
+    pivot = Pivot(4).train()
+    feat = torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True)
+    labels = torch.zeros(2, 16, dtype=torch.uint8)
+    before = pivot.pos.bn.running_mean.clone()
+    a_pos, a_neg = pivot(feat, labels, 2)
+    assert (a_pos == 0).all() and (a_neg == 0).all()
+    (a_pos.sum() + a_neg.sum()).backward()
+    # every parameter is in the graph (DistributedDataParallel needs it), with a zero gradient
+    assert all(p.grad is not None and (p.grad == 0).all() for p in pivot.parameters())
+    assert torch.equal(pivot.pos.bn.running_mean, before)
 
 
 def test_variants_loss_parts(gen):

@@ -42,10 +42,9 @@ def patch_labels(mask: torch.Tensor, feature_size, patch: int, tol: float = 0.0)
     # fraction in float64, the precision of the SPEC oracle.
     counts = m.reshape(B, grid.rows, wy, grid.cols, wx).sum(dim=(2, 4), dtype=torch.int32)
     frac = counts.reshape(B, grid.num_patches).double() / float(wy * wx)
-    labels = torch.full_like(counts.reshape(B, -1), CONTOUR, dtype=torch.uint8)
-    labels[frac <= tol] = AUTHENTIC
-    labels[frac >= 1.0 - tol] = TAMPERED
-    return labels
+    contour = torch.full_like(frac, CONTOUR, dtype=torch.uint8)
+    labels = torch.where(frac <= tol, AUTHENTIC, contour)  # torch.where: no host synchronization
+    return torch.where(frac >= 1.0 - tol, TAMPERED, labels).to(torch.uint8)
 
 
 def patch_features(feat: torch.Tensor, patch: int) -> torch.Tensor:
