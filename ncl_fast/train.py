@@ -124,7 +124,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
             problems.append(f"--{key} must be a multiple of 16 (the network stride and the 16 px patches), "
                             f"got {getattr(args, key)}")
     if args.width < 8 or args.width % 8 or args.head_channels < 8:
-        problems.append(f"--width must be a multiple of 8 and --head_channels >= 8")
+        problems.append("--width must be a multiple of 8 and --head_channels >= 8")
     if args.lr <= 0:
         problems.append(f"--lr must be positive, got {args.lr}")
     if args.num_workers < 0:
@@ -362,7 +362,7 @@ def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
             first = start_step if epoch == start_epoch else 0
             sampler.set_epoch(epoch, first)
             train_ds.set_epoch(epoch)
-            sums, count, t0 = {}, 0, time.perf_counter()
+            sums, count, t0, gpu_util = {}, 0, time.perf_counter(), []
             bar = tqdm(loader, total=steps_per_epoch - first, desc=f"epoch {epoch}", unit="step",
                        disable=not ctx.is_main or args.no_progress, dynamic_ncols=True)
             step = first
@@ -400,6 +400,7 @@ def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
                     gpu = monitor.read() if monitor else {}
                     if gpu:
                         post["gpu%"] = f"{gpu['gpu_util']:.0f}"
+                        gpu_util.append(gpu["gpu_util"])
                     bar.set_postfix(post)
                     if writer:
                         for k, v in parts.items():
@@ -418,6 +419,8 @@ def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
             log = {"epoch": epoch, "train_lr": lr if count else None,
                    **{f"train_{k}": (v / max(count, 1)).item() for k, v in sums.items()},
                    "train_images_per_s": count * args.batch_size * ctx.world_size / max(elapsed, 1e-9)}
+            if gpu_util:
+                log["train_gpu_util"] = sum(gpu_util) / len(gpu_util)
             stop = args.max_steps is not None and global_step >= args.max_steps
             if test_sets and ((epoch + 1) % args.test_period == 0 or epoch + 1 == args.epochs or stop):
                 mode = "pad" if args.if_padding else "resize"

@@ -55,3 +55,16 @@ def as_mask_dtype(mask: torch.Tensor, dtype: str, gen: torch.Generator) -> torch
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def synthetic_split(folder, n: int, seed: int, n_train: int):
+    """A small synthetic Tp/Gt set in `folder` with train.json / test.json lists."""
+    import json
+
+    from ncl_fast import synth
+
+    root = synth.generate(folder, n=n, seed=seed, progress=False)
+    pairs = [[f"Tp/{p.name}", f"Gt/{p.name}"] for p in sorted((root / "Tp").glob("*.png"))]
+    (root / "train.json").write_text(json.dumps(pairs[:n_train]))
+    (root / "test.json").write_text(json.dumps(pairs[n_train:]))
+    return root

@@ -17,9 +17,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from ncl_fast import synth
+from helpers import synthetic_split
 from ncl_fast.checkpoint import load_checkpoint
 
 ARGS = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
@@ -29,11 +28,7 @@ ARGS = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_si
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = synth.generate(tmp_path_factory.mktemp("synth"), n=18, seed=2, progress=False)
-    pairs = [[f"Tp/{p.name}", f"Gt/{p.name}"] for p in sorted((root / "Tp").glob("*.png"))]
-    (root / "train.json").write_text(json.dumps(pairs[:16]))
-    (root / "test.json").write_text(json.dumps(pairs[16:]))
-    return root
+    return synthetic_split(tmp_path_factory.mktemp("synth"), n=18, seed=2, n_train=16)
 
 
 def launch(cmd, tmp):

@@ -1,6 +1,5 @@
 """Metrics against independent implementations: scikit-learn's roc_auc_score and F1
 / IoU counted by hand from ECOSYSTEM.md's definitions."""
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score

@@ -2,12 +2,12 @@
 evaluate and predict, and bad arguments."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ncl_fast import synth, train
+from helpers import synthetic_split
+from ncl_fast import train
 from ncl_fast.checkpoint import load_checkpoint
 from ncl_fast.data import ForgeryDataset
 from ncl_fast.evaluate import main as evaluate_main
@@ -19,11 +19,7 @@ TINY = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_si
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = synth.generate(tmp_path_factory.mktemp("synth"), n=10, seed=1, progress=False)
-    pairs = [[f"Tp/{p.name}", f"Gt/{p.name}"] for p in sorted((root / "Tp").glob("*.png"))]
-    (root / "train.json").write_text(json.dumps(pairs[:8]))
-    (root / "test.json").write_text(json.dumps(pairs[8:]))
-    return root
+    return synthetic_split(tmp_path_factory.mktemp("synth"), n=10, seed=1, n_train=8)
 
 
 def run(tmp, data, *extra):

@@ -85,6 +85,14 @@ __device__ __forceinline__ void pixel_band(const PcGeometry& g, const uint8_t* s
   *gt = sG[(ty + r) * (kTileW + 2 * r) + tx + r];
 }
 
+// Explicit single/double precision math (no reliance on overload resolution of abs/exp).
+__device__ __forceinline__ float abs_(float x) { return fabsf(x); }
+__device__ __forceinline__ double abs_(double x) { return fabs(x); }
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -112,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) pc_bce_stats_kernel(const scalar_t* 
     pixel_band(g, sG, sH, ty, tx, &band, &gt);
     const acc_t z = static_cast<acc_t>(logits[b * zs.b + y * zs.y + x * zs.x]);
     // BCE with logits: max(z, 0) - z g + log(1 + exp(-|z|))
-    const acc_t l = (z > 0 ? z : acc_t(0)) - z * acc_t(gt) + log1p(exp(-abs(z)));
+    const acc_t l = (z > 0 ? z : acc_t(0)) - z * acc_t(gt) + log1p_(exp_(-abs_(z)));
     total = l;
     if (band) {
       band_sum = l;
@@ -177,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) pc_bce_backward_kernel(const scalar_
   const acc_t c_all = static_cast<acc_t>(coef[1]);
   const acc_t w = band ? static_cast<acc_t>(coef[0]) + c_all : c_all;
   const acc_t z = static_cast<acc_t>(logits[b * zs.b + y * zs.y + x * zs.x]);
-  const acc_t sig = acc_t(1) / (acc_t(1) + exp(-z));
+  const acc_t sig = acc_t(1) / (acc_t(1) + exp_(-z));
   grad[b * gs.b + y * gs.y + x * gs.x] = static_cast<scalar_t>((sig - acc_t(gt)) * w);
 }
 
