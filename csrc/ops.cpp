@@ -23,6 +23,7 @@ PcGeometry check_pc_inputs(const at::Tensor& logits, const at::Tensor& mask, int
   TORCH_CHECK_VALUE(logits.device() == mask.device(), op, ": logits are on ", logits.device(), " and the mask on ",
                     mask.device(), "; move them to one device");
   TORCH_CHECK_VALUE(radius >= 0, op, ": radius must be a non-negative integer, got ", radius);
+  TORCH_CHECK_VALUE(mask.size(0) > 0, op, ": empty batch (B = 0)");
   PcGeometry g;
   g.batch = mask.size(0);
   g.height = mask.size(2);
@@ -38,16 +39,30 @@ PcGeometry check_pc_inputs(const at::Tensor& logits, const at::Tensor& mask, int
   return g;
 }
 
+std::vector<PcGeometry> check_pc_scales(at::TensorList logits, const at::Tensor& mask, int64_t radius,
+                                        const char* op) {
+  TORCH_CHECK_VALUE(!logits.empty(), op, ": needs at least one prediction");
+  TORCH_CHECK_VALUE(logits.size() <= 4, op, ": at most 4 predictions (scales) per call, got ", logits.size());
+  std::vector<PcGeometry> geoms;
+  for (const auto& z : logits) {
+    TORCH_CHECK_VALUE(z.scalar_type() == logits[0].scalar_type(), op,
+                      ": every prediction must have one dtype, got ", logits[0].scalar_type(), " and ",
+                      z.scalar_type());
+    geoms.push_back(check_pc_inputs(z, mask, radius, op));
+  }
+  return geoms;
+}
+
 }  // namespace ncl_fast
 
 TORCH_LIBRARY(ncl_fast, m) {
-  m.def("pc_bce_stats(Tensor logits, Tensor mask, int radius) -> Tensor");
-  m.def("pc_bce_backward(Tensor logits, Tensor mask, Tensor coef, int radius) -> Tensor");
+  m.def("pc_loss_fwd(Tensor[] logits, Tensor mask, float mu, int radius) -> (Tensor, Tensor)");
+  m.def("pc_loss_bwd(Tensor grad_loss, Tensor[] logits, Tensor mask, Tensor stats, float mu, int radius) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ncl_fast, CPU, m) {
-  m.impl("pc_bce_stats", &ncl_fast::pc_bce_stats_cpu);
-  m.impl("pc_bce_backward", &ncl_fast::pc_bce_backward_cpu);
+  m.impl("pc_loss_fwd", &ncl_fast::pc_loss_fwd_cpu);
+  m.impl("pc_loss_bwd", &ncl_fast::pc_loss_bwd_cpu);
 }
 
 namespace {

@@ -1,11 +1,12 @@
 """The C++/CUDA extension backend (`impl="cuda"`): `pc_bce` and `pc_loss`.
 
-The kernels are registered by the extension as `torch.ops.ncl_fast.pc_bce_stats`
-(forward: float64 `[sum_E l, |E|, sum l]`) and `torch.ops.ncl_fast.pc_bce_backward`.
-This module adds their fake (meta) kernels and autograd so `torch.compile`
-traces through them, and forms the loss from the stats on the device (no host
-synchronization). CPU tensors run the extension's C++ kernel, CUDA tensors its
-CUDA kernel.
+The kernels are registered by the extension as `torch.ops.ncl_fast.pc_loss_fwd`
+(every scale in one launch: the loss, and float64 stats `[sum_E l, |E|, sum l]`
+per scale) and `torch.ops.ncl_fast.pc_loss_bwd` (every scale's gradient in one
+launch, its coefficients read from the stats on the device: no host
+synchronization). This module adds their fake (meta) kernels and autograd so
+`torch.compile` traces through them. CPU tensors run the extension's C++
+kernel, CUDA tensors its CUDA kernel.
 
 Loading: the extension built by `pip install` (`ncl_fast._C`); failing that, a
 just-in-time build with ninja (`torch.utils.cpp_extension.load`). If both fail,
@@ -14,6 +15,7 @@ importing this module raises ImportError with the build error, which
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -21,10 +23,11 @@ import torch
 
 from . import _checks
 from ._ext_sources import extension_config
-from .reference.ncl import compute_dtype
 
 #: Mask dtypes the kernels read directly; others are binarized to bool first.
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+#: Predictions per launch (the kernels take their scales as one argument struct).
+MAX_SCALES = 4
 
 
 def _load_extension():
@@ -57,33 +60,32 @@ _C = _load_extension()
 BUILD_INFO: dict = dict(_C.build_info())
 
 
-@torch.library.register_fake("ncl_fast::pc_bce_stats")
-def _pc_bce_stats_fake(logits, mask, radius):
-    return logits.new_empty(3, dtype=torch.float64)
+@torch.library.register_fake("ncl_fast::pc_loss_fwd")
+def _pc_loss_fwd_fake(logits, mask, mu, radius):
+    loss_dtype = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
+    return logits[0].new_empty((), dtype=loss_dtype), logits[0].new_empty(len(logits), 3, dtype=torch.float64)
 
 
-@torch.library.register_fake("ncl_fast::pc_bce_backward")
-def _pc_bce_backward_fake(logits, mask, coef, radius):
-    return torch.empty_like(logits)
+@torch.library.register_fake("ncl_fast::pc_loss_bwd")
+def _pc_loss_bwd_fake(grad_loss, logits, mask, stats, mu, radius):
+    return [torch.empty_like(z) for z in logits]
 
 
-def _pc_bce_stats_setup(ctx, inputs, output):
-    logits, mask, radius = inputs
-    ctx.save_for_backward(logits, mask)
-    ctx.radius = radius
+def _pc_loss_setup(ctx, inputs, output):
+    logits, mask, mu, radius = inputs
+    ctx.save_for_backward(mask, output[1], *logits)
+    ctx.params = (mu, radius)
 
 
-def _pc_bce_stats_backward(ctx, grad_stats):
-    logits, mask = ctx.saved_tensors
-    # d stats / dz: sum_E l -> l'(z) [in E], sum l -> l'(z); |E| has no gradient.
-    coef = grad_stats[[0, 2]]
-    grad = torch.ops.ncl_fast.pc_bce_backward(logits, mask, coef, ctx.radius)
-    return grad, None, None
+def _pc_loss_backward(ctx, grad_loss, grad_stats):
+    mask, stats, *logits = ctx.saved_tensors
+    mu, radius = ctx.params
+    # the stats are a by-product for the backward: only the loss carries a gradient
+    grads = torch.ops.ncl_fast.pc_loss_bwd(grad_loss, logits, mask, stats, mu, radius)
+    return list(grads), None, None, None
 
 
-torch.library.register_autograd(
-    "ncl_fast::pc_bce_stats", _pc_bce_stats_backward, setup_context=_pc_bce_stats_setup
-)
+torch.library.register_autograd("ncl_fast::pc_loss_fwd", _pc_loss_backward, setup_context=_pc_loss_setup)
 
 
 def supports(device: torch.device) -> str | None:
@@ -94,22 +96,30 @@ def supports(device: torch.device) -> str | None:
     return f"the extension has no kernel for {device.type} tensors"
 
 
-def pc_bce(logits: torch.Tensor, mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.pc_bce`, one fused pass each way."""
+def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
+    """Same contract as `ncl_fast.reference.pc_loss`: every scale in one fused pass each way."""
     _checks.check_mask(mask)
     _checks.check_pc_args(mu, radius)
-    _checks.check_logits(logits, mask)
-    if mask.dtype not in MASK_DTYPES:
-        mask = mask > 0.5
-    stats = torch.ops.ncl_fast.pc_bce_stats(logits, mask, radius).to(compute_dtype(logits.dtype))
-    band_sum, band_n, total = stats.unbind()
-    return mu * band_sum / band_n.clamp(min=1) + (1.0 - mu) * total / logits.numel()
-
-
-def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
+    logits_list = list(logits_list)
     if len(logits_list) == 0:
         raise ValueError("pc_loss needs at least one prediction; pass the model's logits list")
-    return sum(pc_bce(z, mask, mu, radius) for z in logits_list)
+    for z in logits_list:
+        _checks.check_logits(z, mask)
+    if len({z.dtype for z in logits_list}) > 1:  # one launch reads one dtype
+        common = functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
+        logits_list = [z.to(common) for z in logits_list]
+    if mask.dtype not in MASK_DTYPES:
+        mask = mask > 0.5
+    total = None
+    for start in range(0, len(logits_list), MAX_SCALES):  # one call covers up to 4 scales
+        loss, _ = torch.ops.ncl_fast.pc_loss_fwd(logits_list[start : start + MAX_SCALES], mask, float(mu), radius)
+        total = loss if total is None else total + loss
+    return total
+
+
+def pc_bce(logits: torch.Tensor, mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
+    """Same contract as `ncl_fast.reference.pc_bce`: one prediction."""
+    return pc_loss([logits], mask, mu, radius)
 
 
 OPS = {"pc_bce": pc_bce, "pc_loss": pc_loss}

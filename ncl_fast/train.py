@@ -421,6 +421,8 @@ def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
                    "train_images_per_s": count * args.batch_size * ctx.world_size / max(elapsed, 1e-9)}
             if gpu_util:
                 log["train_gpu_util"] = sum(gpu_util) / len(gpu_util)
+            if dev.type == "cuda":
+                log["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
             stop = args.max_steps is not None and global_step >= args.max_steps
             if test_sets and ((epoch + 1) % args.test_period == 0 or epoch + 1 == args.epochs or stop):
                 mode = "pad" if args.if_padding else "resize"

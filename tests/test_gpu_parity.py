@@ -73,7 +73,8 @@ def test_pc_loss_is_deterministic_on_gpu():
     from ncl_fast import _cuda_ops  # noqa: F401  (registers torch.ops.ncl_fast.*)
 
     mask = masks(4, 512, 2)
-    z = torch.randn(4, 1, 512, 512, device="cuda")
-    first = torch.ops.ncl_fast.pc_bce_stats(z, mask, 2)
+    preds = [torch.randn(4, 1, 512 // s, 512 // s, device="cuda") for s in (8, 4, 1)]
+    first = torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.9, 2)
     for _ in range(5):
-        assert torch.equal(torch.ops.ncl_fast.pc_bce_stats(z, mask, 2), first)
+        again = torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.9, 2)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])

@@ -167,3 +167,18 @@ def test_patch_not_dividing_the_stride(gen):
     x = torch.randn(1, 3, 64, 64, generator=gen)
     with pytest.raises(ValueError, match="not a whole number of feature cells"):
         model(x, random_mask(1, 64, 64, "blobs", gen))
+
+
+def test_benco_wrapper_contract(gen):
+    from ncl_fast.benco import NCLBenCo
+
+    model = NCLBenCo(18, 1, "full").train()
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    mask = split_mask(2, 64, gen)[:, 0]  # IMDL-BenCo passes (B, H, W) masks too
+    out = model(x, mask, torch.ones(2))
+    assert {"backward_loss", "pred_mask", "pred_label", "visual_loss", "visual_image"} <= set(out)
+    assert out["pred_mask"].shape == (2, 1, 64, 64) and out["pred_label"].shape == (2,)
+    assert ((out["pred_mask"] >= 0) & (out["pred_mask"] <= 1)).all()
+    out["backward_loss"].backward()
+    torch.testing.assert_close(out["pred_label"], out["pred_mask"].flatten(1).amax(1))
+    assert "backward_loss" not in model.eval()(x)  # inference: no mask, no loss

@@ -158,20 +158,35 @@ def test_ext_gradients_match_reference(ext, dtype, radius, gen):
 
 def test_ext_is_deterministic(ext, gen):
     mask = random_mask(4, 128, 96, "blobs", gen)
-    z = torch.randn(4, 1, 128, 96, generator=gen)
+    preds = [torch.randn(4, 1, 128 // s, 96 // s, generator=gen) for s in (8, 4, 1)]
     results = []
     for threads in (1, 2, 1):
         torch.set_num_threads(threads)
-        results.append(torch.ops.ncl_fast.pc_bce_stats(z, mask, 2))
-    assert all(torch.equal(results[0], r) for r in results[1:])
+        results.append(torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.9, 2))
+    assert all(torch.equal(results[0][0], r[0]) and torch.equal(results[0][1], r[1]) for r in results[1:])
+
+
+def test_ext_one_call_equals_the_sum_of_scales(ext, gen):
+    mask = random_mask(2, 48, 40, "blobs", gen)
+    preds = [torch.randn(2, 1, 48 // s, 40 // s, generator=gen, dtype=torch.float64) for s in (8, 4, 2, 1)]
+    loss, stats = torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.7, 2)
+    assert stats.shape == (4, 3) and stats.dtype == torch.float64
+    singles = [torch.ops.ncl_fast.pc_loss_fwd([z], mask, 0.7, 2) for z in preds]
+    torch.testing.assert_close(loss, sum(x[0] for x in singles))
+    torch.testing.assert_close(stats, torch.cat([x[1] for x in singles]))
+    # five scales: the wrapper splits them into calls of at most four
+    five = preds + [torch.randn(2, 1, 24, 20, generator=gen, dtype=torch.float64)]
+    want = sum(oracles.pc_bce(z, mask, 0.7, 2) for z in five)
+    rel_close(functional.pc_loss(five, mask, 0.7, 2, impl="cuda"), want)
 
 
 def test_ext_opcheck(ext, gen):
     mask = random_mask(2, 16, 24, "blobs", gen) > 0.5
-    z = torch.randn(2, 1, 8, 12, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.ncl_fast.pc_bce_stats, (z, mask, 2))
-    coef = torch.rand(2, dtype=torch.float64, generator=gen)
-    torch.library.opcheck(torch.ops.ncl_fast.pc_bce_backward, (z.detach(), mask, coef, 2))
+    preds = [torch.randn(2, 1, 16 // s, 24 // s, generator=gen, requires_grad=True) for s in (4, 1)]
+    torch.library.opcheck(torch.ops.ncl_fast.pc_loss_fwd, (preds, mask, 0.9, 2))
+    _, stats = torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.9, 2)
+    detached = [z.detach() for z in preds]
+    torch.library.opcheck(torch.ops.ncl_fast.pc_loss_bwd, (torch.tensor(1.3), detached, mask, stats.detach(), 0.9, 2))
 
 
 def test_ext_traces_under_torch_compile(ext, gen):
@@ -196,29 +211,40 @@ def test_ext_traces_under_torch_compile(ext, gen):
 
 
 def test_ext_errors(ext):
-    ops = torch.ops.ncl_fast
+    fwd = lambda z, m, r=2: torch.ops.ncl_fast.pc_loss_fwd(z if isinstance(z, list) else [z], m, 0.9, r)
     mask = torch.zeros(2, 1, 16, 16)
     with pytest.raises(ValueError, match="stride is not an integer"):
-        ops.pc_bce_stats(torch.zeros(2, 1, 5, 8), mask, 2)
+        fwd(torch.zeros(2, 1, 5, 8), mask)
     with pytest.raises(ValueError, match="batch sizes differ"):
-        ops.pc_bce_stats(torch.zeros(3, 1, 8, 8), mask, 2)
+        fwd(torch.zeros(3, 1, 8, 8), mask)
     with pytest.raises(ValueError, match=r"logits must have shape \(B, 1, h, w\)"):
-        ops.pc_bce_stats(torch.zeros(2, 2, 8, 8), mask, 2)
+        fwd(torch.zeros(2, 2, 8, 8), mask)
     with pytest.raises(ValueError, match=r"mask must have shape \(B, 1, H, W\)"):
-        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8), mask[:, 0], 2)
+        fwd(torch.zeros(2, 1, 8, 8), mask[:, 0])
     with pytest.raises(ValueError, match="logits must be floating point"):
-        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8, dtype=torch.int32), mask, 2)
+        fwd(torch.zeros(2, 1, 8, 8, dtype=torch.int32), mask)
     with pytest.raises(ValueError, match="the mask must be bool, uint8"):
-        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8), mask.to(torch.int32), 2)
+        fwd(torch.zeros(2, 1, 8, 8), mask.to(torch.int32))
     with pytest.raises(ValueError, match="radius must be a non-negative"):
-        ops.pc_bce_stats(torch.zeros(2, 1, 8, 8), mask, -1)
-    with pytest.raises(ValueError, match="coef must hold 2 values"):
-        ops.pc_bce_backward(torch.zeros(2, 1, 8, 8), mask, torch.zeros(3, dtype=torch.float64), 2)
+        fwd(torch.zeros(2, 1, 8, 8), mask, -1)
+    with pytest.raises(ValueError, match="at least one prediction"):
+        fwd([], mask)
+    with pytest.raises(ValueError, match="one dtype"):
+        fwd([torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4, dtype=torch.float64)], mask)
+    with pytest.raises(ValueError, match="at most 4 predictions"):
+        fwd([torch.zeros(2, 1, 8, 8)] * 5, mask)
+    with pytest.raises(ValueError, match=r"stats must have shape \(1, 3\)"):
+        torch.ops.ncl_fast.pc_loss_bwd(torch.tensor(1.0), [torch.zeros(2, 1, 8, 8)], mask,
+                                       torch.zeros(2, 3, dtype=torch.float64), 0.9, 2)
     # through the public API: the same checks as every backend
     with pytest.raises(ValueError, match="different devices"):
         functional.pc_bce(torch.zeros(2, 1, 8, 8, device="meta"), mask, impl="cuda")
     with pytest.raises(ValueError, match="stride along rows is not an integer"):
         functional.pc_bce(torch.zeros(2, 1, 5, 8), mask, impl="cuda")
+    # predictions of different dtypes are promoted to one
+    mixed = [torch.randn(2, 1, 4, 4).bfloat16(), torch.randn(2, 1, 16, 16)]
+    torch.testing.assert_close(functional.pc_loss(mixed, mask, impl="cuda"),
+                               functional.pc_loss([z.float() for z in mixed], mask, impl="reference"))
 
 
 def test_ext_other_mask_dtypes_are_binarized(ext, gen):

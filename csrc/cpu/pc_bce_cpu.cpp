@@ -1,6 +1,6 @@
-// Pivot-consistent BCE on the CPU (see pc_bce.h). One image per task; the
-// per-image sums are float64 and added in image order, so the result does not
-// depend on the thread count.
+// Pivot-consistent BCE on the CPU (see pc_bce.h), every scale of a prediction.
+// One image per task; the per-image sums are float64 and added in image order,
+// so the result does not depend on the thread count.
 #include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -56,14 +56,11 @@ inline acc_t bce_with_logits(acc_t z, acc_t g) {
   return std::max(z, acc_t(0)) - z * g + std::log1p(std::exp(-std::abs(z)));
 }
 
-}  // namespace
-
-at::Tensor pc_bce_stats_cpu(const at::Tensor& logits, const at::Tensor& mask, int64_t radius) {
-  const PcGeometry g = check_pc_inputs(logits, mask, radius, "pc_bce_stats");
-  TORCH_CHECK_VALUE(logits.is_cpu(), "pc_bce_stats_cpu: logits must be on the CPU");
+// [sum_E l, |E|, sum l] of one prediction, float64, summed image by image in order.
+void stats_one(const at::Tensor& logits, const at::Tensor& mask, const PcGeometry& g, double* out) {
   std::vector<double> band_sum(g.batch, 0.0), band_n(g.batch, 0.0), total(g.batch, 0.0);
-  NCL_FAST_DISPATCH_LOGITS(logits.scalar_type(), "pc_bce_stats_cpu", [&] {
-    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_bce_stats", [&] {
+  NCL_FAST_DISPATCH_LOGITS(logits.scalar_type(), "pc_loss_fwd_cpu", [&] {
+    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_fwd", [&] {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
       const scalar_t* z = logits.data_ptr<scalar_t>();
       const int64_t zb = logits.stride(0), zy = logits.stride(2), zx = logits.stride(3);
@@ -90,30 +87,20 @@ at::Tensor pc_bce_stats_cpu(const at::Tensor& logits, const at::Tensor& mask, in
       });
     });
   });
-  double bs = 0, bn = 0, t = 0;
+  out[0] = out[1] = out[2] = 0;
   for (int64_t b = 0; b < g.batch; ++b) {  // fixed order: deterministic
-    bs += band_sum[b];
-    bn += band_n[b];
-    t += total[b];
+    out[0] += band_sum[b];
+    out[1] += band_n[b];
+    out[2] += total[b];
   }
-  auto stats = at::empty({3}, logits.options().dtype(at::kDouble));
-  double* s = stats.data_ptr<double>();
-  s[0] = bs;
-  s[1] = bn;
-  s[2] = t;
-  return stats;
 }
 
-at::Tensor pc_bce_backward_cpu(const at::Tensor& logits, const at::Tensor& mask, const at::Tensor& coef,
-                               int64_t radius) {
-  const PcGeometry g = check_pc_inputs(logits, mask, radius, "pc_bce_backward");
-  TORCH_CHECK_VALUE(coef.numel() == 2 && coef.device() == logits.device(),
-                    "pc_bce_backward: coef must hold 2 values on the logits' device");
-  const auto c = coef.to(at::kDouble).contiguous();
-  const double c_band = c.data_ptr<double>()[0], c_all = c.data_ptr<double>()[1];
+// dL/dz of one prediction: (sigmoid(z) - g) (c_band [in E] + c_all).
+at::Tensor backward_one(const at::Tensor& logits, const at::Tensor& mask, const PcGeometry& g, double c_band,
+                        double c_all) {
   auto grad = at::empty_like(logits);
-  NCL_FAST_DISPATCH_LOGITS(logits.scalar_type(), "pc_bce_backward_cpu", [&] {
-    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_bce_backward", [&] {
+  NCL_FAST_DISPATCH_LOGITS(logits.scalar_type(), "pc_loss_bwd_cpu", [&] {
+    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_bwd", [&] {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
       const scalar_t* z = logits.data_ptr<scalar_t>();
       scalar_t* dz = grad.data_ptr<scalar_t>();
@@ -137,6 +124,40 @@ at::Tensor pc_bce_backward_cpu(const at::Tensor& logits, const at::Tensor& mask,
     });
   });
   return grad;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pc_loss_fwd_cpu(at::TensorList logits, const at::Tensor& mask, double mu,
+                                                   int64_t radius) {
+  const auto geoms = check_pc_scales(logits, mask, radius, "pc_loss_fwd");
+  TORCH_CHECK_VALUE(logits[0].is_cpu(), "pc_loss_fwd_cpu: logits must be on the CPU");
+  const int64_t S = static_cast<int64_t>(logits.size());
+  auto stats = at::empty({S, 3}, logits[0].options().dtype(at::kDouble));
+  double* st = stats.data_ptr<double>();
+  for (int64_t s = 0; s < S; ++s) stats_one(logits[s], mask, geoms[s], st + 3 * s);
+  const auto loss_type = logits[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::scalar_tensor(pc_loss_from_stats(st, geoms, mu), logits[0].options().dtype(loss_type));
+  return {loss, stats};
+}
+
+std::vector<at::Tensor> pc_loss_bwd_cpu(const at::Tensor& grad_loss, at::TensorList logits, const at::Tensor& mask,
+                                        const at::Tensor& stats, double mu, int64_t radius) {
+  const auto geoms = check_pc_scales(logits, mask, radius, "pc_loss_bwd");
+  const int64_t S = static_cast<int64_t>(logits.size());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == S && stats.size(1) == 3,
+                    "pc_loss_bwd: stats must have shape (", S, ", 3), got ", stats.sizes());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pc_loss_bwd: grad_loss must be a scalar");
+  const auto st = stats.to(at::kDouble).contiguous();
+  const double g = grad_loss.to(at::kDouble).item<double>();
+  std::vector<at::Tensor> grads;
+  for (int64_t s = 0; s < S; ++s) {
+    const double n = double(geoms[s].batch * geoms[s].out_h * geoms[s].out_w);
+    const double band_n = st.data_ptr<double>()[3 * s + 1];
+    const double c_band = band_n > 0 ? g * mu / band_n : 0.0;
+    grads.push_back(backward_one(logits[s], mask, geoms[s], c_band, g * (1 - mu) / n));
+  }
+  return grads;
 }
 
 }  // namespace ncl_fast

@@ -1,19 +1,24 @@
-// Pivot-consistent BCE on CUDA (see pc_bce.h).
+// Pivot-consistent BCE on CUDA (see pc_bce.h): every scale in one launch each way.
 //
-// One block per TILE_H x TILE_W tile of the prediction. The block computes the
+// One block per TILE_H x TILE_W tile of a prediction; the blocks of all scales
+// form one 1-D grid (each block finds its scale from the scales' first blocks).
+// The block computes the
 // shrunk mask G of its tile plus a halo of `radius` cells into shared memory
 // (each cell reads its s_y x s_x mask window once), finds the contour band with
 // two separable passes (row windows, then column windows, each an OR of "saw a
 // 0" / "saw a 1" bits), and then each thread handles one prediction pixel.
 // Forward: per-block partial sums (warp shuffles, fixed order) go to a buffer
-// that one more block adds up in float64 in a fixed order: the result is the
-// same bit for bit from run to run (no float atomics).
-// Backward: one pass writing (sigmoid(z) - g) * (c_band [in E] + c_all).
+// that one more block adds up per scale in float64 in a fixed order, and turns
+// into the loss: the result is the same bit for bit from run to run (no float
+// atomics). Backward: one pass writing (sigmoid(z) - g) * (c_band [in E] + c_all),
+// the coefficients read from the stats and grad_loss on the device.
 #include <ATen/AccumulateType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/types.h>
+
+#include <type_traits>
 
 #include "../dispatch.h"
 #include "../pc_bce.h"
@@ -99,16 +104,51 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+constexpr int kMaxScales = 4;
+
+// One prediction of a multi-scale call.
+template <typename scalar_t>
+struct Scale {
+  const scalar_t* logits;
+  scalar_t* grad;  // backward only
+  Strides zs, gs;
+  PcGeometry g;
+  int64_t tiles_x, tiles_y;
+  int64_t first_block;  // in the launch's 1-D grid
+};
+
+template <typename scalar_t>
+struct Scales {
+  Scale<scalar_t> s[kMaxScales];
+  int n;
+};
+
+// This block's scale and tile: (scale index, image, first row, first column).
+template <typename scalar_t>
+__device__ __forceinline__ int locate(const Scales<scalar_t>& sc, int64_t* b, int64_t* y0, int64_t* x0) {
+  const int64_t block = blockIdx.x;
+  int k = 0;
+  while (k + 1 < sc.n && block >= sc.s[k + 1].first_block) ++k;
+  const Scale<scalar_t>& s = sc.s[k];
+  const int64_t local = block - s.first_block;
+  const int64_t per_image = s.tiles_x * s.tiles_y;
+  *b = local / per_image;
+  *y0 = (local % per_image) / s.tiles_x * kTileH;
+  *x0 = (local % per_image) % s.tiles_x * kTileW;
+  return k;
+}
+
 template <typename scalar_t, typename mask_t>
-__global__ void __launch_bounds__(kThreads) pc_bce_stats_kernel(const scalar_t* __restrict__ logits, Strides zs,
-                                                                const mask_t* __restrict__ mask, Strides ms,
-                                                                PcGeometry g, double* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads) pc_loss_stats_kernel(Scales<scalar_t> sc, const mask_t* __restrict__ mask,
+                                                                 Strides ms, double* __restrict__ partials) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
+  int64_t b, y0, x0;
+  const Scale<scalar_t>& s = sc.s[locate(sc, &b, &y0, &x0)];
+  const PcGeometry& g = s.g;
   const int r = static_cast<int>(g.radius);
   uint8_t* sG = smem;
   uint8_t* sH = smem + (kTileH + 2 * r) * (kTileW + 2 * r);
-  const int64_t b = blockIdx.z, y0 = int64_t(blockIdx.y) * kTileH, x0 = int64_t(blockIdx.x) * kTileW;
   load_tile(mask, ms, g, b, y0, x0, sG, sH);
 
   const int ty = threadIdx.x / kTileW, tx = threadIdx.x % kTileW;
@@ -118,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) pc_bce_stats_kernel(const scalar_t* 
     bool band;
     uint8_t gt;
     pixel_band(g, sG, sH, ty, tx, &band, &gt);
-    const acc_t z = static_cast<acc_t>(logits[b * zs.b + y * zs.y + x * zs.x]);
+    const acc_t z = static_cast<acc_t>(s.logits[b * s.zs.b + y * s.zs.y + x * s.zs.x]);
     // BCE with logits: max(z, 0) - z g + log(1 + exp(-|z|))
     const acc_t l = (z > 0 ? z : acc_t(0)) - z * acc_t(gt) + log1p_(exp_(-abs_(z)));
     total = l;
@@ -127,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) pc_bce_stats_kernel(const scalar_t* 
       band_n = 1;
     }
   }
-  // Block sum in a fixed order: warp shuffles, then warp 0 over the warps.
+  // Block sum in a fixed order: warp shuffles, then one thread per quantity over the warps.
   __shared__ acc_t warp_part[3][kWarps];
   band_sum = warp_sum(band_sum);
   band_n = warp_sum(band_n);
@@ -140,41 +180,63 @@ __global__ void __launch_bounds__(kThreads) pc_bce_stats_kernel(const scalar_t* 
   }
   __syncthreads();
   if (threadIdx.x < 3) {
-    double s = 0;
-    for (int w = 0; w < kWarps; ++w) s += static_cast<double>(warp_part[threadIdx.x][w]);
-    const int64_t block = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    partials[block * 3 + threadIdx.x] = s;
+    double sum = 0;
+    for (int w = 0; w < kWarps; ++w) sum += static_cast<double>(warp_part[threadIdx.x][w]);
+    partials[int64_t(blockIdx.x) * 3 + threadIdx.x] = sum;
   }
 }
 
-// stats[k] = sum over blocks of partials[block][k], float64, fixed order.
-__global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(const double* __restrict__ partials,
-                                                                        int64_t blocks, double* __restrict__ stats) {
+struct ReduceArgs {
+  int64_t first_block[kMaxScales + 1];  // scale k owns blocks [first_block[k], first_block[k + 1])
+  double numel[kMaxScales];             // B * h_o * w_o
+  int n;
+};
+
+// stats[k] = per-scale sums of the partials (float64, fixed order); loss from them.
+template <typename loss_t>
+__global__ void __launch_bounds__(kReduceThreads) pc_loss_reduce_kernel(const double* __restrict__ partials,
+                                                                        ReduceArgs ra, double mu,
+                                                                        double* __restrict__ stats,
+                                                                        loss_t* __restrict__ loss) {
   __shared__ double part[3][kReduceThreads];
-  double s[3] = {0, 0, 0};
-  for (int64_t i = threadIdx.x; i < blocks; i += kReduceThreads)
-    for (int k = 0; k < 3; ++k) s[k] += partials[i * 3 + k];
-  for (int k = 0; k < 3; ++k) part[k][threadIdx.x] = s[k];
-  __syncthreads();
-  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width)
-      for (int k = 0; k < 3; ++k) part[k][threadIdx.x] += part[k][threadIdx.x + width];
+  double total_loss = 0;
+  for (int k = 0; k < ra.n; ++k) {
+    double acc[3] = {0, 0, 0};
+    for (int64_t i = ra.first_block[k] + threadIdx.x; i < ra.first_block[k + 1]; i += kReduceThreads)
+      for (int q = 0; q < 3; ++q) acc[q] += partials[i * 3 + q];
+    for (int q = 0; q < 3; ++q) part[q][threadIdx.x] = acc[q];
+    __syncthreads();
+    for (int width = kReduceThreads / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width)
+        for (int q = 0; q < 3; ++q) part[q][threadIdx.x] += part[q][threadIdx.x + width];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      const double band_sum = part[0][0], band_n = part[1][0], sum = part[2][0];
+      stats[3 * k] = band_sum;
+      stats[3 * k + 1] = band_n;
+      stats[3 * k + 2] = sum;
+      total_loss += (band_n > 0 ? mu * band_sum / band_n : 0.0) + (1 - mu) * sum / ra.numel[k];
+    }
     __syncthreads();
   }
-  if (threadIdx.x < 3) stats[threadIdx.x] = part[threadIdx.x][0];
+  if (threadIdx.x == 0) *loss = static_cast<loss_t>(total_loss);
 }
 
-template <typename scalar_t, typename mask_t>
-__global__ void __launch_bounds__(kThreads) pc_bce_backward_kernel(const scalar_t* __restrict__ logits, Strides zs,
-                                                                   const mask_t* __restrict__ mask, Strides ms,
-                                                                   const double* __restrict__ coef, PcGeometry g,
-                                                                   scalar_t* __restrict__ grad, Strides gs) {
+template <typename scalar_t, typename mask_t, typename loss_t>
+__global__ void __launch_bounds__(kThreads) pc_loss_backward_kernel(Scales<scalar_t> sc,
+                                                                    const mask_t* __restrict__ mask, Strides ms,
+                                                                    const double* __restrict__ stats,
+                                                                    const loss_t* __restrict__ grad_loss, double mu) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
+  int64_t b, y0, x0;
+  const int k = locate(sc, &b, &y0, &x0);
+  const Scale<scalar_t>& s = sc.s[k];
+  const PcGeometry& g = s.g;
   const int r = static_cast<int>(g.radius);
   uint8_t* sG = smem;
   uint8_t* sH = smem + (kTileH + 2 * r) * (kTileW + 2 * r);
-  const int64_t b = blockIdx.z, y0 = int64_t(blockIdx.y) * kTileH, x0 = int64_t(blockIdx.x) * kTileW;
   load_tile(mask, ms, g, b, y0, x0, sG, sH);
   const int ty = threadIdx.x / kTileW, tx = threadIdx.x % kTileW;
   const int64_t y = y0 + ty, x = x0 + tx;
@@ -182,82 +244,113 @@ __global__ void __launch_bounds__(kThreads) pc_bce_backward_kernel(const scalar_
   bool band;
   uint8_t gt;
   pixel_band(g, sG, sH, ty, tx, &band, &gt);
-  const acc_t c_all = static_cast<acc_t>(coef[1]);
-  const acc_t w = band ? static_cast<acc_t>(coef[0]) + c_all : c_all;
-  const acc_t z = static_cast<acc_t>(logits[b * zs.b + y * zs.y + x * zs.x]);
+  const double gl = static_cast<double>(*grad_loss);
+  const double band_n = stats[3 * k + 1];
+  const acc_t c_all = static_cast<acc_t>(gl * (1 - mu) / double(g.batch * g.out_h * g.out_w));
+  const acc_t c_band = band_n > 0 ? static_cast<acc_t>(gl * mu / band_n) : acc_t(0);
+  const acc_t w = band ? c_band + c_all : c_all;
+  const acc_t z = static_cast<acc_t>(s.logits[b * s.zs.b + y * s.zs.y + x * s.zs.x]);
   const acc_t sig = acc_t(1) / (acc_t(1) + exp_(-z));
-  grad[b * gs.b + y * gs.y + x * gs.x] = static_cast<scalar_t>((sig - acc_t(gt)) * w);
+  s.grad[b * s.gs.b + y * s.gs.y + x * s.gs.x] = static_cast<scalar_t>((sig - acc_t(gt)) * w);
 }
 
-struct Launch {
-  dim3 grid;
-  size_t smem;
-};
-
-Launch launch_shape(const PcGeometry& g) {
-  TORCH_CHECK_VALUE(g.radius <= kMaxRadius, "pc_bce (CUDA): radius ", g.radius, " is above the supported ",
+size_t smem_bytes(int64_t radius) {
+  TORCH_CHECK_VALUE(radius <= kMaxRadius, "pc_loss (CUDA): radius ", radius, " is above the supported ",
                     kMaxRadius, " pixels; use the CPU or the reference for wider bands");
-  TORCH_CHECK_VALUE(g.batch <= 65535 && (g.out_h + kTileH - 1) / kTileH <= 65535,
-                    "pc_bce (CUDA): batch or height too large for one launch");
-  const int64_t r = g.radius;
-  Launch l;
-  l.grid = dim3(static_cast<unsigned>((g.out_w + kTileW - 1) / kTileW),
-                static_cast<unsigned>((g.out_h + kTileH - 1) / kTileH), static_cast<unsigned>(g.batch));
-  l.smem = static_cast<size_t>((kTileH + 2 * r) * (kTileW + 2 * r) + (kTileH + 2 * r) * kTileW);
-  return l;
+  return static_cast<size_t>((kTileH + 2 * radius) * (kTileW + 2 * radius) + (kTileH + 2 * radius) * kTileW);
+}
+
+// Scales of one launch; grads empty in the forward. Returns the total block count.
+template <typename scalar_t>
+int64_t make_scales(at::TensorList logits, const std::vector<PcGeometry>& geoms, std::vector<at::Tensor>* grads,
+                    Scales<scalar_t>* sc, ReduceArgs* ra) {
+  int64_t blocks = 0;
+  sc->n = static_cast<int>(logits.size());
+  if (ra) ra->n = sc->n;
+  for (int k = 0; k < sc->n; ++k) {
+    Scale<scalar_t>& s = sc->s[k];
+    s.logits = logits[k].data_ptr<scalar_t>();
+    s.zs = strides_of(logits[k]);
+    s.grad = grads ? (*grads)[k].data_ptr<scalar_t>() : nullptr;
+    s.gs = grads ? strides_of((*grads)[k]) : s.zs;
+    s.g = geoms[k];
+    s.tiles_x = (geoms[k].out_w + kTileW - 1) / kTileW;
+    s.tiles_y = (geoms[k].out_h + kTileH - 1) / kTileH;
+    s.first_block = blocks;
+    if (ra) {
+      ra->first_block[k] = blocks;
+      ra->numel[k] = double(geoms[k].batch * geoms[k].out_h * geoms[k].out_w);
+    }
+    blocks += s.tiles_x * s.tiles_y * geoms[k].batch;
+  }
+  if (ra) ra->first_block[sc->n] = blocks;
+  TORCH_CHECK_VALUE(blocks < (int64_t(1) << 31), "pc_loss (CUDA): the predictions are too large for one launch");
+  return blocks;
 }
 
 }  // namespace
 
-at::Tensor pc_bce_stats_cuda(const at::Tensor& logits, const at::Tensor& mask, int64_t radius) {
-  const PcGeometry g = check_pc_inputs(logits, mask, radius, "pc_bce_stats");
-  TORCH_CHECK_VALUE(logits.is_cuda(), "pc_bce_stats_cuda: logits must be on a CUDA device");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto stats = at::zeros({3}, logits.options().dtype(at::kDouble));
-  if (g.batch * g.out_h * g.out_w == 0) return stats;
-  const Launch l = launch_shape(g);
-  const int64_t blocks = int64_t(l.grid.x) * l.grid.y * l.grid.z;
-  auto partials = at::empty({blocks, 3}, logits.options().dtype(at::kDouble));
+std::tuple<at::Tensor, at::Tensor> pc_loss_fwd_cuda(at::TensorList logits, const at::Tensor& mask, double mu,
+                                                    int64_t radius) {
+  const auto geoms = check_pc_scales(logits, mask, radius, "pc_loss_fwd");
+  TORCH_CHECK_VALUE(logits[0].is_cuda(), "pc_loss_fwd_cuda: logits must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(logits[0].device());
+  const int64_t S = static_cast<int64_t>(logits.size());
+  const auto loss_type = logits[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto stats = at::empty({S, 3}, logits[0].options().dtype(at::kDouble));
+  auto loss = at::empty({}, logits[0].options().dtype(loss_type));
+  const size_t smem = smem_bytes(radius);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  NCL_FAST_DISPATCH_LOGITS(logits.scalar_type(), "pc_bce_stats_cuda", [&] {
-    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_bce_stats", [&] {
-      pc_bce_stats_kernel<scalar_t, mask_t><<<l.grid, kThreads, l.smem, stream>>>(
-          logits.data_ptr<scalar_t>(), strides_of(logits), mask.data_ptr<mask_t>(), strides_of(mask), g,
-          partials.data_ptr<double>());
+  NCL_FAST_DISPATCH_LOGITS(logits[0].scalar_type(), "pc_loss_fwd_cuda", [&] {
+    Scales<scalar_t> sc;
+    ReduceArgs ra;
+    const int64_t blocks = make_scales<scalar_t>(logits, geoms, nullptr, &sc, &ra);
+    auto partials = at::empty({blocks, 3}, logits[0].options().dtype(at::kDouble));
+    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_fwd", [&] {
+      pc_loss_stats_kernel<scalar_t, mask_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+          sc, mask.data_ptr<mask_t>(), strides_of(mask), partials.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    using loss_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    pc_loss_reduce_kernel<loss_t><<<1, kReduceThreads, 0, stream>>>(partials.data_ptr<double>(), ra, mu,
+                                                                    stats.data_ptr<double>(), loss.data_ptr<loss_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  reduce_partials_kernel<<<1, kReduceThreads, 0, stream>>>(partials.data_ptr<double>(), blocks,
-                                                           stats.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return stats;
+  return {loss, stats};
 }
 
-at::Tensor pc_bce_backward_cuda(const at::Tensor& logits, const at::Tensor& mask, const at::Tensor& coef,
-                                int64_t radius) {
-  const PcGeometry g = check_pc_inputs(logits, mask, radius, "pc_bce_backward");
-  TORCH_CHECK_VALUE(coef.numel() == 2 && coef.device() == logits.device(),
-                    "pc_bce_backward: coef must hold 2 values on the logits' device");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto grad = at::empty_like(logits);
-  if (g.batch * g.out_h * g.out_w == 0) return grad;
-  const auto c = coef.to(at::kDouble).contiguous();
-  const Launch l = launch_shape(g);
+std::vector<at::Tensor> pc_loss_bwd_cuda(const at::Tensor& grad_loss, at::TensorList logits, const at::Tensor& mask,
+                                         const at::Tensor& stats, double mu, int64_t radius) {
+  const auto geoms = check_pc_scales(logits, mask, radius, "pc_loss_bwd");
+  const int64_t S = static_cast<int64_t>(logits.size());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == S && stats.size(1) == 3 &&
+                        stats.scalar_type() == at::kDouble && stats.device() == logits[0].device(),
+                    "pc_loss_bwd: stats must be the float64 (", S, ", 3) tensor of pc_loss_fwd");
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1 && grad_loss.device() == logits[0].device(),
+                    "pc_loss_bwd: grad_loss must be a scalar on the logits' device");
+  const c10::cuda::CUDAGuard guard(logits[0].device());
+  std::vector<at::Tensor> grads;
+  for (const auto& z : logits) grads.push_back(at::empty_like(z));
+  const size_t smem = smem_bytes(radius);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  NCL_FAST_DISPATCH_LOGITS(logits.scalar_type(), "pc_bce_backward_cuda", [&] {
-    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_bce_backward", [&] {
-      pc_bce_backward_kernel<scalar_t, mask_t><<<l.grid, kThreads, l.smem, stream>>>(
-          logits.data_ptr<scalar_t>(), strides_of(logits), mask.data_ptr<mask_t>(), strides_of(mask),
-          c.data_ptr<double>(), g, grad.data_ptr<scalar_t>(), strides_of(grad));
+  const auto st = stats.contiguous();
+  NCL_FAST_DISPATCH_LOGITS(logits[0].scalar_type(), "pc_loss_bwd_cuda", [&] {
+    using loss_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto gl = grad_loss.to(c10::CppTypeToScalarType<loss_t>::value).contiguous();
+    Scales<scalar_t> sc;
+    const int64_t blocks = make_scales<scalar_t>(logits, geoms, &grads, &sc, nullptr);
+    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_bwd", [&] {
+      pc_loss_backward_kernel<scalar_t, mask_t, loss_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+          sc, mask.data_ptr<mask_t>(), strides_of(mask), st.data_ptr<double>(), gl.data_ptr<loss_t>(), mu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return grad;
+  return grads;
 }
 
 }  // namespace ncl_fast
 
 TORCH_LIBRARY_IMPL(ncl_fast, CUDA, m) {
-  m.impl("pc_bce_stats", &ncl_fast::pc_bce_stats_cuda);
-  m.impl("pc_bce_backward", &ncl_fast::pc_bce_backward_cuda);
+  m.impl("pc_loss_fwd", &ncl_fast::pc_loss_fwd_cuda);
+  m.impl("pc_loss_bwd", &ncl_fast::pc_loss_bwd_cuda);
 }
