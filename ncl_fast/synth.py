@@ -168,7 +168,7 @@ def generate(out: str | os.PathLike, n: int = 200, seed: int = 0, progress: bool
     (root / "Gt").mkdir(parents=True, exist_ok=True)
     photos = load_photos()
     manifest = []
-    for i in tqdm(range(n), desc="synthesizing", disable=not progress, unit="img"):
+    for i in tqdm(range(n), desc="synthesizing", disable=not progress, unit="img", mininterval=2.0):
         img, mask, kind = make_sample(photos, seed, i)
         stem = f"{i:05d}_{kind}"
         Image.fromarray(img).save(root / "Tp" / f"{stem}.png")
