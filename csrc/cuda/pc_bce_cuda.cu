@@ -138,31 +138,51 @@ __device__ __forceinline__ int locate(const Scales<scalar_t>& sc, int64_t* b, in
   return k;
 }
 
+// This thread's prediction pixel: its scale, position, ground truth and band flag.
+struct Pixel {
+  int scale;
+  int64_t b, y, x;
+  bool valid, band;
+  uint8_t gt;
+};
+
+// Every thread of the block: find the tile, build its G and band bits in shared
+// memory (synchronizes the block), then read this thread's pixel.
+template <typename scalar_t, typename mask_t>
+__device__ __forceinline__ Pixel visit_pixel(const Scales<scalar_t>& sc, const mask_t* __restrict__ mask, Strides ms,
+                                             uint8_t* smem) {
+  Pixel px;
+  int64_t y0, x0;
+  px.scale = locate(sc, &px.b, &y0, &x0);
+  const PcGeometry& g = sc.s[px.scale].g;
+  const int r = static_cast<int>(g.radius);
+  uint8_t* sG = smem;
+  uint8_t* sH = smem + (kTileH + 2 * r) * (kTileW + 2 * r);
+  load_tile(mask, ms, g, px.b, y0, x0, sG, sH);
+  const int ty = threadIdx.x / kTileW, tx = threadIdx.x % kTileW;
+  px.y = y0 + ty;
+  px.x = x0 + tx;
+  px.valid = px.y < g.out_h && px.x < g.out_w;
+  px.band = false;
+  px.gt = 0;
+  if (px.valid) pixel_band(g, sG, sH, ty, tx, &px.band, &px.gt);
+  return px;
+}
+
 template <typename scalar_t, typename mask_t>
 __global__ void __launch_bounds__(kThreads) pc_loss_stats_kernel(Scales<scalar_t> sc, const mask_t* __restrict__ mask,
                                                                  Strides ms, double* __restrict__ partials) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
-  int64_t b, y0, x0;
-  const Scale<scalar_t>& s = sc.s[locate(sc, &b, &y0, &x0)];
-  const PcGeometry& g = s.g;
-  const int r = static_cast<int>(g.radius);
-  uint8_t* sG = smem;
-  uint8_t* sH = smem + (kTileH + 2 * r) * (kTileW + 2 * r);
-  load_tile(mask, ms, g, b, y0, x0, sG, sH);
-
-  const int ty = threadIdx.x / kTileW, tx = threadIdx.x % kTileW;
-  const int64_t y = y0 + ty, x = x0 + tx;
+  const Pixel px = visit_pixel(sc, mask, ms, smem);
+  const Scale<scalar_t>& s = sc.s[px.scale];
   acc_t band_sum = 0, band_n = 0, total = 0;
-  if (y < g.out_h && x < g.out_w) {
-    bool band;
-    uint8_t gt;
-    pixel_band(g, sG, sH, ty, tx, &band, &gt);
-    const acc_t z = static_cast<acc_t>(s.logits[b * s.zs.b + y * s.zs.y + x * s.zs.x]);
+  if (px.valid) {
+    const acc_t z = static_cast<acc_t>(s.logits[px.b * s.zs.b + px.y * s.zs.y + px.x * s.zs.x]);
     // BCE with logits: max(z, 0) - z g + log(1 + exp(-|z|))
-    const acc_t l = (z > 0 ? z : acc_t(0)) - z * acc_t(gt) + log1p_(exp_(-abs_(z)));
+    const acc_t l = (z > 0 ? z : acc_t(0)) - z * acc_t(px.gt) + log1p_(exp_(-abs_(z)));
     total = l;
-    if (band) {
+    if (px.band) {
       band_sum = l;
       band_n = 1;
     }
@@ -230,28 +250,18 @@ __global__ void __launch_bounds__(kThreads) pc_loss_backward_kernel(Scales<scala
                                                                     const loss_t* __restrict__ grad_loss, double mu) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
-  int64_t b, y0, x0;
-  const int k = locate(sc, &b, &y0, &x0);
-  const Scale<scalar_t>& s = sc.s[k];
+  const Pixel px = visit_pixel(sc, mask, ms, smem);
+  if (!px.valid) return;
+  const Scale<scalar_t>& s = sc.s[px.scale];
   const PcGeometry& g = s.g;
-  const int r = static_cast<int>(g.radius);
-  uint8_t* sG = smem;
-  uint8_t* sH = smem + (kTileH + 2 * r) * (kTileW + 2 * r);
-  load_tile(mask, ms, g, b, y0, x0, sG, sH);
-  const int ty = threadIdx.x / kTileW, tx = threadIdx.x % kTileW;
-  const int64_t y = y0 + ty, x = x0 + tx;
-  if (y >= g.out_h || x >= g.out_w) return;
-  bool band;
-  uint8_t gt;
-  pixel_band(g, sG, sH, ty, tx, &band, &gt);
   const double gl = static_cast<double>(*grad_loss);
-  const double band_n = stats[3 * k + 1];
+  const double band_n = stats[3 * px.scale + 1];
   const acc_t c_all = static_cast<acc_t>(gl * (1 - mu) / double(g.batch * g.out_h * g.out_w));
   const acc_t c_band = band_n > 0 ? static_cast<acc_t>(gl * mu / band_n) : acc_t(0);
-  const acc_t w = band ? c_band + c_all : c_all;
-  const acc_t z = static_cast<acc_t>(s.logits[b * s.zs.b + y * s.zs.y + x * s.zs.x]);
+  const acc_t w = px.band ? c_band + c_all : c_all;
+  const acc_t z = static_cast<acc_t>(s.logits[px.b * s.zs.b + px.y * s.zs.y + px.x * s.zs.x]);
   const acc_t sig = acc_t(1) / (acc_t(1) + exp_(-z));
-  s.grad[b * s.gs.b + y * s.gs.y + x * s.gs.x] = static_cast<scalar_t>((sig - acc_t(gt)) * w);
+  s.grad[px.b * s.gs.b + px.y * s.gs.y + px.x * s.gs.x] = static_cast<scalar_t>((sig - acc_t(px.gt)) * w);
 }
 
 size_t smem_bytes(int64_t radius) {
