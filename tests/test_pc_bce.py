@@ -29,7 +29,7 @@ def impl(request):
     return Impl(request.param)
 
 
-def rel_close(got: torch.Tensor, want: float, dtype=torch.float32) -> None:
+def assert_rel_close(got: torch.Tensor, want: float, dtype=torch.float32) -> None:
     rtol, atol = SAME_VALUES[dtype]
     assert abs(got.item() - want) <= atol + rtol * abs(want), f"got {got.item()!r}, want {want!r}"
 
@@ -48,7 +48,7 @@ def test_pc_bce_matches_oracle(impl, geom, radius, kind, gen):
     mu = float(torch.rand(1, generator=gen))
     got = impl.pc_bce(logits, mask, mu, radius)
     assert got.dtype == torch.float32 and got.dim() == 0
-    rel_close(got, oracles.pc_bce(logits, mask, mu, radius))
+    assert_rel_close(got, oracles.pc_bce(logits, mask, mu, radius))
 
 
 def test_pc_bce_one_pixel_mask(impl, gen):
@@ -56,12 +56,12 @@ def test_pc_bce_one_pixel_mask(impl, gen):
     mask[0, 0, 4, 5] = 1
     logits = torch.randn(1, 1, 9, 11, generator=gen)
     for r in range(4):
-        rel_close(impl.pc_bce(logits, mask, 0.9, r), oracles.pc_bce(logits, mask, 0.9, r))
+        assert_rel_close(impl.pc_bce(logits, mask, 0.9, r), oracles.pc_bce(logits, mask, 0.9, r))
         # mu = 1: the band of radius r is the (2r+1)^2 square around the pixel
         square = logits[0, 0, 4 - r : 5 + r, 5 - r : 6 + r]
         target = mask[0, 0, 4 - r : 5 + r, 5 - r : 6 + r]
         want = torch.nn.functional.binary_cross_entropy_with_logits(square, target) if r else torch.tensor(0.0)
-        rel_close(impl.pc_bce(logits, mask, 1.0, r), want.item())
+        assert_rel_close(impl.pc_bce(logits, mask, 1.0, r), want.item())
 
 
 def test_pc_bce_empty_band_term_is_zero(impl, gen):
@@ -76,7 +76,7 @@ def test_pc_bce_empty_band_term_is_zero(impl, gen):
 def test_pc_bce_mask_dtypes(impl, dtype, gen):
     mask = random_mask(2, 24, 16, "blobs", gen)
     logits = torch.randn(2, 1, 6, 4, generator=gen)
-    rel_close(impl.pc_bce(logits, as_mask_dtype(mask, dtype, gen), 0.9, 1), oracles.pc_bce(logits, mask, 0.9, 1))
+    assert_rel_close(impl.pc_bce(logits, as_mask_dtype(mask, dtype, gen), 0.9, 1), oracles.pc_bce(logits, mask, 0.9, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -85,24 +85,24 @@ def test_pc_bce_half_logits(impl, dtype, gen):
     logits = (3 * torch.randn(2, 1, 8, 6, generator=gen)).to(dtype)
     got = impl.pc_bce(logits, mask, 0.9, 2)
     assert got.dtype == torch.float32
-    rel_close(got, oracles.pc_bce(logits, mask, 0.9, 2), dtype)
+    assert_rel_close(got, oracles.pc_bce(logits, mask, 0.9, 2), dtype)
 
 
 def test_pc_bce_channels_last_and_strided(impl, gen):
     mask = random_mask(2, 32, 24, "blobs", gen)
     logits = torch.randn(2, 1, 8, 6, generator=gen)
     want = oracles.pc_bce(logits, mask, 0.9, 2)
-    rel_close(impl.pc_bce(logits.to(memory_format=torch.channels_last), mask, 0.9, 2), want)
+    assert_rel_close(impl.pc_bce(logits.to(memory_format=torch.channels_last), mask, 0.9, 2), want)
     wide = torch.zeros(2, 1, 8, 12)
     wide[..., ::2] = logits
-    rel_close(impl.pc_bce(wide[..., ::2], mask, 0.9, 2), want)
+    assert_rel_close(impl.pc_bce(wide[..., ::2], mask, 0.9, 2), want)
 
 
 def test_pc_loss_sums_the_scales(impl, gen):
     mask = random_mask(2, 32, 32, "blobs", gen)
     preds = [torch.randn(2, 1, 32 // s, 32 // s, generator=gen) for s in (8, 4, 1)]
     want = sum(oracles.pc_bce(z, mask, 0.9, 2) for z in preds)
-    rel_close(impl.pc_loss(preds, mask, 0.9, 2), want)
+    assert_rel_close(impl.pc_loss(preds, mask, 0.9, 2), want)
 
 
 @pytest.mark.parametrize("radius", [0, 2])
@@ -177,7 +177,7 @@ def test_ext_one_call_equals_the_sum_of_scales(ext, gen):
     # five scales: the wrapper splits them into calls of at most four
     five = preds + [torch.randn(2, 1, 24, 20, generator=gen, dtype=torch.float64)]
     want = sum(oracles.pc_bce(z, mask, 0.7, 2) for z in five)
-    rel_close(functional.pc_loss(five, mask, 0.7, 2, impl="cuda"), want)
+    assert_rel_close(functional.pc_loss(five, mask, 0.7, 2, impl="cuda"), want)
 
 
 def test_ext_opcheck(ext, gen):
