@@ -4,9 +4,10 @@ the reference (eager) vs torch.compile(reference).
 B = 4, 512 x 512 uint8-valued float mask, predictions at strides 8, 4 and 1
 (64^2, 128^2 and 512^2 logits), radius 2, mu 0.9; fp32 and bf16 logits.
 
-Bytes floor (forward + backward), per scale: the logits read twice (forward and
-backward) and their gradient written once, plus the full-resolution mask read
-once per pass: 3 * n_logits * e + 2 * B * H * W * e_mask. GB/s = floor / p50.
+Bytes floor (forward + backward): every scale's logits read twice (forward and
+backward) and their gradients written once, plus the full-resolution mask read
+once per pass: 3 * n_logits * e + 2 * B * H * W * e_mask. (The kernels read the
+mask once per scale per pass, 3x that term.) GB/s = floor / p50.
 
 Run: python bench/bench_pc_loss.py  (a CUDA device is required)
 """
@@ -44,7 +45,7 @@ def main() -> None:
                 for s in (8, 4, 1)
             ]
             n = sum(z.numel() for z in preds)
-            floor = 3 * n * preds[0].element_size() + 2 * 3 * mask.numel() * mask.element_size()
+            floor = 3 * n * preds[0].element_size() + 2 * mask.numel() * mask.element_size()
 
             def run(impl):
                 return lambda: functional.pc_loss(preds, mask, 0.9, 2, impl=impl).backward()
