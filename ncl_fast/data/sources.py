@@ -162,34 +162,34 @@ def _mask_warnings(path: str, rgb: np.ndarray) -> list[str]:
     return out
 
 
+def _open(path: str, what: str, report: Report, missing_hint: str = "", read_rgb: bool = False):
+    """(size, RGB array or None) of an image file, or None after recording why it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size, (np.asarray(im.convert("RGB")) if read_rgb else None)
+    except FileNotFoundError:
+        report.errors.append(f"{path}: {what} not found{missing_hint}")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        report.errors.append(f"{path}: unreadable or corrupt {what} ({err}); re-export or remove it")
+    return None
+
+
 def check_entries(entries: list[Entry], check_masks: bool = True) -> Report:
     """Open every file once; collect errors and warnings (see the module docstring)."""
     report = Report(entries)
     for e in entries:
-        try:
-            with Image.open(e.image) as im:
-                im.load()
-                size = im.size
-        except FileNotFoundError:
-            report.errors.append(f"{e.image}: image not found")
+        opened = _open(e.image, "image", report)
+        if opened is None:
             continue
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            report.errors.append(f"{e.image}: unreadable or corrupt image ({err}); re-export or remove it")
-            continue
+        size = opened[0]
         if e.mask is None:
             report.authentic += 1
             continue
-        try:
-            with Image.open(e.mask) as mk:
-                mk.load()
-                msize = mk.size
-                rgb = np.asarray(mk.convert("RGB")) if check_masks else None
-        except FileNotFoundError:
-            report.errors.append(f"{e.mask}: mask not found (image {e.image})")
+        opened = _open(e.mask, "mask", report, f" (image {e.image})", read_rgb=check_masks)
+        if opened is None:
             continue
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            report.errors.append(f"{e.mask}: unreadable or corrupt mask ({err})")
-            continue
+        msize, rgb = opened
         if msize != size:
             report.errors.append(
                 f"size mismatch: image {e.image} is {size[0]}x{size[1]} but mask {e.mask} is "
