@@ -1,9 +1,15 @@
-"""NCL loss (patch labels + the three terms) forward / backward / both: Triton vs
-the reference (eager) vs torch.compile(reference), at the paper's shapes.
+"""NCL loss (patch labels + the three terms) forward / backward / both: the Triton
+kernels (in each of their variants) vs the reference (eager) vs
+torch.compile(reference), at the paper's shapes.
 
 B = 4 images of 512 x 512, masks of 5-30 % tampered area in irregular shapes;
 stage 1 (C = 64, 256 x 256 features, p = 8, D = 4096) and stage 2 (C = 256,
-128 x 128, p = 4, D = 4096); fp32 and bf16 features, contiguous.
+128 x 128, p = 4, D = 4096); fp32, bf16 and fp16 features, contiguous.
+
+Variants (`--variants`): `triton` is the default configuration; `triton:NAME=VALUE`
+sets an attribute of `ncl_fast.kernels.ncl_terms` for that row only (for example
+`triton:FP32_DOT_PRECISION=tf32x3`, the tensor-core fp32 mode; it applies to fp32
+inputs only and is skipped for the others).
 
 Floors, per batch (|P_b|, |N_b| the tampered / authentic patch counts):
   FLOP forward  = sum_b 2 D |P_b| (|P_b| + |N_b|)  (the similarities the loss needs)
@@ -18,6 +24,7 @@ Run: python bench/bench_ncl_loss.py  (a CUDA device is required)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -42,23 +49,72 @@ def floors(mask: torch.Tensor, C: int, h: int, p: int, dtype: torch.dtype) -> tu
     return fwd_flop, 2 * fwd_flop, fwd_bytes, bwd_bytes
 
 
+@contextlib.contextmanager
+def kernel_settings(settings: dict):
+    """Temporarily set module attributes of ncl_fast.kernels.ncl_terms."""
+    from ncl_fast.kernels import ncl_terms as k
+
+    old = {name: getattr(k, name) for name in settings}
+    for name, value in settings.items():
+        setattr(k, name, type(old[name])(value) if not isinstance(old[name], str) else value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(k, name, value)
+
+
+def top_kernels(fn, iters: int = 10, n: int = 8) -> str:
+    """The profiler's top CUDA kernels of `fn` (per call), as a small markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    rows = [[e.key[:60], e.count // iters, f"{e.device_time_total / iters:.1f}"] for e in events[:n]]
+    return table(["kernel", "launches per call", "us per call"], rows)
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict]:
+    """'triton:A=1:B=x' -> (label, impl, {A: '1', B: 'x'})."""
+    impl, *pairs = spec.split(":")
+    return spec, impl, dict(p.split("=", 1) for p in pairs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--stages", default="stage 1,stage 2")
+    ap.add_argument("--variants", default="triton,triton:FP32_DOT_PRECISION=tf32x3",
+                    help="comma-separated Triton variants (see the module docstring)")
+    ap.add_argument("--compile-stages", default="stage 1",
+                    help="stages that also time torch.compile(reference) ('' for none; compiling takes ~20 s each)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference) everywhere")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the profiler's top kernels of each Triton variant's fwd+bwd")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ncl_loss.py needs a CUDA device")
     dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in true fp32, like the kernels
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in true fp32, like the kernels' default
     print(device_header())
     mask = irregular_masks(args.batch, args.size, args.size, (0.05, 0.30), seed=0, device=dev)
-    print(f"\nmasks: tampered fraction per image {[round(x, 3) for x in mask.mean((1, 2, 3)).tolist()]}\n")
+    print(f"\nmasks: tampered fraction per image {[round(x, 3) for x in mask.mean((1, 2, 3)).tolist()]}")
     rows = []
-    for stage, (C, h_full, p) in STAGES.items():
+    compile_stages = set() if args.no_compile else {s for s in args.compile_stages.split(",") if s}
+    for stage in args.stages.split(","):
+        C, h_full, p = STAGES[stage]
         h = h_full * args.size // 512
+        labels = functional.patch_labels(mask, (h, h), p, impl="reference")
+        counts = [[int((labels[b] == v).sum()) for v in (1, 0, 2)] for b in range(args.batch)]
+        print(f"{stage}: [|P|, |N|, |K|] per image {counts}", flush=True)
         for dname in args.dtypes.split(","):
             dtype = getattr(torch, dname)
             g = torch.Generator(device=dev).manual_seed(1)
@@ -76,36 +132,51 @@ def main() -> None:
 
                 return f
 
-            impls = {"triton": loss_fn("triton"), "reference": loss_fn("reference")}
-            if not args.no_compile:
-                impls["compile(reference)"] = torch.compile(loss_fn("reference"))
+            impls = {}
+            for spec in args.variants.split(","):
+                label, impl, settings = parse_variant(spec)
+                if "FP32_DOT_PRECISION" in settings and dtype != torch.float32:
+                    continue
+                impls[label] = (loss_fn(impl), settings)
+            impls["reference"] = (loss_fn("reference"), {})
+            if stage in compile_stages:
+                impls["compile(reference)"] = (torch.compile(loss_fn("reference")), {})
             results = {}
-            for name, f in impls.items():
-                loss = f()
-                loss.backward()  # warm-up (and compilation)
-                fwd = bench_ms(f)
-                loss = f()
-                bwd = bench_ms(lambda: loss.backward(retain_graph=True))
-                both = bench_ms(lambda: f().backward())
-                feat.grad = a_pos.grad = a_neg.grad = None  # the gradients are outputs, not extra memory
-                grads_mb = sum(t.numel() * t.element_size() for t in (feat, a_pos, a_neg)) / 1e6
-                extra = peak_extra_mb(lambda: f().backward()) - grads_mb
+            for name, (f, settings) in impls.items():
+                try:
+                    with kernel_settings(settings):
+                        loss = f()
+                        loss.backward()  # warm-up (and compilation)
+                        fwd = bench_ms(f)
+                        loss = f()
+                        bwd = bench_ms(lambda: loss.backward(retain_graph=True))
+                        both = bench_ms(lambda: f().backward())
+                        feat.grad = a_pos.grad = a_neg.grad = None  # the gradients are outputs, not extra memory
+                        grads_mb = sum(t.numel() * t.element_size() for t in (feat, a_pos, a_neg)) / 1e6
+                        extra = peak_extra_mb(lambda: f().backward()) - grads_mb
+                except Exception as err:  # report and go on
+                    print(f"{stage} {dname} {name}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                    continue
                 results[name] = (fwd, bwd, both, extra)
+                print(f"{stage} {dname} {name}: fwd+bwd p50 {both[1]:.3f} ms", flush=True)
+                if args.profile and name.startswith("triton"):
+                    with kernel_settings(settings):
+                        print(top_kernels(lambda: f().backward()), flush=True)
             for name, (fwd, bwd, both, extra) in results.items():
+                ref = results.get("reference")
+                comp = results.get("compile(reference)")
                 rows.append([
                     stage, dname, name, fmt_q(fwd), fmt_q(bwd), fmt_q(both),
-                    f"{results['reference'][2][1] / both[1]:.1f}x",
+                    f"{ref[2][1] / both[1]:.1f}x" if ref else "-",
+                    f"{comp[2][1] / both[1]:.1f}x" if comp else "-",
                     f"{(fwd_flop + bwd_flop) / both[1] / 1e9:.1f}",
                     f"{(fwd_bytes + bwd_bytes) / both[1] / 1e6:.0f}",
                     f"{extra:.1f} ({100 * extra / map_mb:.1f}%)",
                 ])
-            if "compile(reference)" in results:
-                ratio = results["compile(reference)"][2][1] / results["triton"][2][1]
-                print(f"{stage} {dname}: triton vs compile(reference), fwd+bwd: {ratio:.1f}x")
     print()
     print(table(
-        ["features", "dtype", "impl", "fwd ms p50 (p20-p80)", "bwd ms", "fwd+bwd ms", "speedup vs reference",
-         "TFLOP/s (floor / p50)", "GB/s (floor / p50)", "extra peak MB (% of map)"],
+        ["features", "dtype", "impl", "fwd ms p50 (p20-p80)", "bwd ms", "fwd+bwd ms", "vs reference",
+         "vs compile(reference)", "TFLOP/s (floor / p50)", "GB/s (floor / p50)", "extra peak MB (% of map)"],
         rows,
     ))
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _harness import device_header, irregular_masks, table  # noqa: E402
+from bench_ncl_loss import top_kernels  # noqa: E402
 
 from ncl_fast import _backend  # noqa: E402
 from ncl_fast.model import LossConfig, NCLModel  # noqa: E402
@@ -32,6 +33,7 @@ CONFIGS = {
     "NCL reference": ("full", "reference"),
     "NCL fused": ("full", "fused"),
 }
+PROFILE = False
 FUSED = {"patch_labels": "triton", "ncl_terms": "triton", "pc_bce": "cuda", "pc_loss": "cuda"}
 
 
@@ -69,6 +71,9 @@ def step_time(variant: str, impl: str | None, precision: str, compiled: bool, st
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     times.sort()
+    if PROFILE:
+        print(f"\n{variant} {impl} {precision} {'compiled' if compiled else 'eager'}: top kernels per step")
+        print(top_kernels(one, iters=3, n=10), flush=True)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
     return (q(0.2), q(0.5), q(0.8)), torch.cuda.max_memory_allocated() / 1e9
 
@@ -80,8 +85,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--all", action="store_true", help="compiled fp32 too (compilation takes minutes)")
-    ap.add_argument("--no-train", action="store_true", help="skip the python -m ncl_fast.train run")
+    ap.add_argument("--no-train", action="store_true", help="skip the python -m ncl_fast.train runs")
+    ap.add_argument("--train-modes", default="eager,compile", help="python -m ncl_fast.train runs: eager and/or compile")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="step configurations to time")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--no-steps", action="store_true", help="only the python -m ncl_fast.train runs")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of every configuration's step")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if not torch.cuda.is_available():
         sys.exit("bench_train_step.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -90,12 +102,13 @@ def main() -> None:
     print(device_header())
     choose = _backend.choose
     rows, base = [], {}
-    for precision in ("fp32 (TF32)", "bf16"):
-        p = "bf16" if precision == "bf16" else "fp32"
+    for p in ([] if args.no_steps else args.precisions.split(",")):
+        precision = "bf16" if p == "bf16" else "fp32 (TF32)"
         # compiled: bf16 always (the target compares it with eager bf16), fp32 with --all
         modes = [False] if args.no_compile or (p == "fp32" and not args.all) else [False, True]
         for compiled in modes:
-            for name, (variant, impl) in CONFIGS.items():
+            for name in args.configs.split(","):
+                variant, impl = CONFIGS[name]
                 if impl == "fused":
                     _backend.choose = lambda op, _i, device: choose(op, FUSED[op], device)
                 try:
@@ -115,13 +128,15 @@ def main() -> None:
                              f"{q[1]:.1f} ({q[0]:.1f}-{q[2]:.1f})",
                              f"{q[1] / b[0]:.3f}x" if b else "-", f"{mem:.2f}",
                              f"{100 * (mem / b[1] - 1):+.1f}%" if b else "-"])
-    print()
-    print(table(["precision", "mode", "loss", "step ms p50 (p20-p80)", "vs base step", "peak GB",
-                 "peak vs base"], rows))
+    if rows:
+        print()
+        print(table(["precision", "mode", "loss", "step ms p50 (p20-p80)", "vs base step", "peak GB",
+                     "peak vs base"], rows))
     if args.no_train:
         return
     # the command itself, data loading included, eager and compiled
-    for extra in ([], ["--compile"]):
+    modes = {"eager": [], "compile": ["--compile"]}
+    for extra in (modes[m] for m in args.train_modes.split(",")):
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "-m", "ncl_fast.train", "--preset", "paper", "--max_steps", "60",
                    "--output_dir", out, "--no-progress", "--num_workers", "8", *extra]

@@ -1,33 +1,56 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install (compiles the CUDA extension), parity at full
-# size, then every benchmark. Prints markdown for bench/RESULTS.md; with $OUT set,
-# also writes each part there. The timeouts below keep the whole call inside one
-# 10-minute device command; the budget asked for is 8 minutes (not yet measured).
+# One call on a GPU machine: build the extension, parity at full size, a memory
+# check of every kernel, then the benchmarks. Each part has its own timeout and
+# writes its output under $OUT as it goes, so partial results come back.
+#
+#   bench/gpu_check.sh                 # every part
+#   bench/gpu_check.sh build parity ncl   # some parts (build is always first)
+#
+# Parts, in order: build parity sanitize ncl pc step step_compiled train.
+# The machine has no internet: it builds against its own torch and installs nothing else.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/ncl_fast_gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+parts=${*:-"build parity sanitize ncl pc step step_compiled train"}
+want() { [[ " $parts " == *" $1 "* ]]; }
+status=0
+t0=$(date +%s)
+stamp() { echo "[gpu_check] $1: $(( $(date +%s) - t0 )) s since start" | tee -a "$out/timeline.txt"; }
+run_part() {  # name timeout command...
+  local name=$1 limit=$2; shift 2
+  want "$name" || return 0
+  stamp "$name start"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "[gpu_check] $name: exit $rc"; status=1; }
+  stamp "$name end (exit $rc)"
+}
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/card.txt"
-start=$(date +%s)
-# The machine has no internet: build against its torch, install nothing else.
-$py -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$out/install.log" 2>&1 \
-  || { echo "pip install failed:"; tail -30 "$out/install.log"; }
-$py - <<'PY' 2>&1 | tee "$out/versions.txt"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu,power.draw --format=csv; } 2>&1 | tee "$out/card.txt"
+# sm_90 only: one architecture builds in half the time
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+stamp "build start"
+timeout 240 $py -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$out/build.txt" 2>&1 \
+  || { echo "pip install failed:"; tail -30 "$out/build.txt"; status=1; }
+$py - <<'PY' 2>&1 | tee -a "$out/card.txt"
 import torch, triton
 from ncl_fast import _cuda_ops
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton.__version__}, extension {_cuda_ops.BUILD_INFO}")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton.__version__}, "
+      f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
+      f"extension {_cuda_ops.BUILD_INFO}")
 PY
-echo "install + build: $(( $(date +%s) - start )) s"
+stamp "build end"
 
-status=0
-timeout 120 $py -m pytest -q -x tests/test_gpu_parity.py 2>&1 | tee "$out/parity.txt" || status=1
-timeout 180 $py bench/bench_ncl_loss.py 2>&1 | tee "$out/bench_ncl_loss.md" || status=1
-timeout 90 $py bench/bench_pc_loss.py 2>&1 | tee "$out/bench_pc_loss.md" || status=1
-if [ -f bench/bench_train_step.py ]; then
-  timeout 180 $py bench/bench_train_step.py 2>&1 | tee "$out/bench_train_step.md" || status=1
-fi
-echo "gpu_check: $(( $(date +%s) - start )) s, status $status"
+run_part parity 120 $py -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
+run_part sanitize 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $py bench/sanitize_check.py
+run_part ncl 150 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}
+run_part pc 80 $py bench/bench_pc_loss.py
+run_part step 150 $py bench/bench_train_step.py --no-compile --no-train --profile
+run_part step_compiled 300 $py bench/bench_train_step.py --precisions bf16 --configs "base,NCL fused" --no-train
+run_part train 120 $py bench/bench_train_step.py --no-steps --train-modes eager
+stamp "done, status $status"
 exit $status

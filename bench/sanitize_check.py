@@ -1,0 +1,63 @@
+"""Small launches of every GPU kernel, for `compute-sanitizer` (out-of-bounds and
+uninitialized accesses the interpreter cannot show). Run as
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python bench/sanitize_check.py
+
+(without the caching allocator every tensor is its own allocation, so an access
+past a tensor's end is outside any allocation and is reported). Prints one line
+per case; the sanitizer's report follows if anything is wrong.
+"""
+from __future__ import annotations
+
+import torch
+
+from ncl_fast import functional
+
+
+def ellipse_masks(B: int, H: int, W: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    out = torch.zeros(B, 1, H, W)
+    for b in range(B):
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor([H, W])).tolist()
+        ry, rx = (0.1 + 0.3 * torch.rand(2, generator=g) * torch.tensor([H, W])).tolist()
+        out[b, 0] = ((((yy - cy) / max(ry, 1)) ** 2 + ((xx - cx) / max(rx, 1)) ** 2) <= 1).float()
+    return out.cuda()
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    # (B, C, h, w, p, stride): odd sizes leave uncovered cells; stage-1-like and stage-2-like
+    for B, C, h, w, p, s in ((3, 8, 36, 28, 4, 2), (2, 16, 16, 24, 2, 4)):
+        mask = ellipse_masks(B, h * s, w * s, seed=B)
+        labels = functional.patch_labels(mask, (h, w), p, impl="triton")
+        assert torch.equal(labels, functional.patch_labels(mask, (h, w), p, impl="reference"))
+        D = C * p * p
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for layout in ("contiguous", "channels_last"):
+                feat = torch.randn(B, C, h, w, device=dev, generator=g).to(dtype)
+                if layout == "channels_last":
+                    feat = feat.to(memory_format=torch.channels_last)
+                feat.requires_grad_()
+                ap = torch.randn(B, D, device=dev, generator=g).to(dtype).requires_grad_()
+                an = torch.randn(B, D, device=dev, generator=g).to(dtype).requires_grad_()
+                terms = functional.ncl_terms(feat, labels, ap, an, p, 0.1, impl="triton")
+                terms.sum().backward()
+                torch.cuda.synchronize()
+                print(f"ncl_terms B={B} C={C} {h}x{w} p={p} {dtype} {layout}: terms {terms.sum().item():.4f}",
+                      flush=True)
+    mask = ellipse_masks(2, 96, 80, seed=7)
+    for dtype in (torch.float32, torch.bfloat16):
+        preds = [torch.randn(2, 1, 96 // k, 80 // k, device=dev, generator=g).to(dtype).requires_grad_()
+                 for k in (8, 4, 1)]
+        loss = functional.pc_loss(preds, mask, 0.9, 2, impl="cuda")
+        loss.backward()
+        torch.cuda.synchronize()
+        print(f"pc_loss {dtype}: {loss.item():.4f}", flush=True)
+    print("sanitize_check: every case ran")
+
+
+if __name__ == "__main__":
+    main()
