@@ -3,52 +3,74 @@
 Notation (per image b): P, N, K the tampered, authentic and contour patch sets,
 listed in `perm` (P first, then N, then K; see `patch_labels.py`) with counts
 `[|P|, |N|, |K|]`; a patch is addressed by its *position* in that list. f_x is
-the patch feature read straight from the `(B, C, h, w)` feature map, hat f_x =
-f_x / max(|f_x|, eps), s_xy = <hat f_x, hat f_y> / tau.
+the patch feature read straight from the `(B, C, h, w)` feature map by index
+(no unfold, no copy), hat f_x = f_x / max(|f_x|, eps), s_xy = <hat f_x, hat f_y> / tau.
 
     t1 = 1/(|P|(|P|-1)) sum_{m in P} sum_{j in P, j != m} softplus(lam_m - s_mj),
          lam_m = log sum_{i in N} exp(s_mi)
     t2 = 1/|P| sum_{j in P} softplus(lam+ - s(a+, j)),  lam+ = log sum_{i in N} exp(s(a+, i))
     t3 = 1/|N| sum_{i in N} softplus(lam- - s(a-, i)),  lam- = log sum_{j in P} exp(s(a-, j))
 
-(`log(exp(s) + sum exp(s_i)) - s == softplus(lam - s)`.) Kernels:
-
-1. `_ncl_stats_fwd_kernel` (B, L / BLOCK_X): norms |f_x| and the anchor
-   similarities s(a+, x), s(a-, x) of every P and N patch: one read of those
-   patches' features.
-2. `_ncl_pair_fwd_kernel` (B, L / BLOCK_M): a block of tampered rows m; pass 1
-   is a max-shifted online log-sum-exp over the authentic columns (lam_m), pass
-   2 sums softplus(lam_m - s_mj) and W_m = sum_j sigmoid(lam_m - s_mj) over the
-   tampered columns. Similarity tiles come from `tl.dot` over D in BLOCK_K
-   chunks. Saves lam_m and W_m; never an L x L matrix.
-3. `_ncl_anchor_fwd_kernel` (B, 2): t2 and t3 from the saved anchor similarities.
+(`log(exp(s) + sum exp(s_i)) - s == softplus(lam - s)`.)
 
 Backward. With g = dL/d(t1, t2, t3) and k1 = g1/(|P|(|P|-1)), k2 = g2/|P|,
 k3 = g3/|N|, the loss depends on the features through s only, with
   dL/ds_mj = -k1 sigmoid(lam_m - s_mj)       (m, j in P, j != m)
-  dL/ds_mi =  k1 W_m exp(s_mi - lam_m)       (m in P, i in N)
+  dL/ds_mi =  k1 W_m exp(s_mi - lam_m)       (m in P, i in N),  W_m = sum_{j != m} sigmoid(lam_m - s_mj)
 and likewise for the anchors. For a patch x, T_xy = dL/ds_xy + dL/ds_yx gives
   d hat f_x = (1/tau) (sum_y T_xy hat f_y + c+_x hat a+ + c-_x hat a-)
   <hat f_x, d hat f_x> = sum_y T_xy s_xy + c+_x s(a+, x) + c-_x s(a-, x)
-(the second needs no pass over D), and the normalization's backward
+and the normalization's backward
   d f_x = (d hat f_x - [|f_x| >= eps] hat f_x <hat f_x, d hat f_x>) / max(|f_x|, eps).
-4. `_ncl_pair_bwd_kernel` (B, L / BLOCK_X, D / BLOCK_D): a block of patches and
-   a chunk of D; recomputes the similarity tiles (full D) and accumulates
-   T @ hat F_y for its chunk. Gradients go to the feature map in its own layout;
-   contour patches and uncovered cells keep the zeros they were given.
-5. `_ncl_anchor_bwd_kernel` (B, 2, D / BLOCK_D): the anchors' gradients.
 
-All arithmetic is fp32 (bf16/fp16 features are multiplied exactly into fp32
-accumulators by `tl.dot`). Features are indexed in an internal D order that
-follows memory: (channel, row, column) for contiguous maps and (row, column,
-channel) for channels_last maps; similarities do not depend on the order of D,
-and anchors are read at the matching canonical index.
+Two paths, chosen per image on the device (no host synchronization):
 
-Tested on the CPU under TRITON_INTERPRET=1 (tests/test_ncl_terms.py); the GPU
-parity and timing run is `bench/gpu_check.sh`.
+* **Stored** (the default): the image's block S = [s_my] (m in P, y in P u N),
+  |P|(|P|+|N|) fp32 values, lives in a workspace between the forward and the
+  backward. The forward is one tiled GEMM over (row tile x column tile)
+  (`_ncl_sim_kernel`) and one pass over S for the row log-sum-exps and the t1
+  sums (`_ncl_rows_kernel`). The backward is one kernel (`_ncl_grad_kernel`)
+  parallel over (patch tile x chunk of D): for its patches x it forms the
+  coefficients dL/ds from S as it reads it, and accumulates
+  G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P: the two GEMMs of the floor.
+  Work: one pass over the P x (P+N) block forward, two backward.
+* **Bounded** (`_ncl_pair_fwd_kernel`, `_ncl_pair_bwd_kernel`): nothing of size
+  L x L is kept; the forward streams tiles with an online log-sum-exp and the
+  backward recomputes each similarity tile per chunk of D (D / BLOCK_D times).
+  It runs the images whose blocks do not fit in the workspace.
+
+The workspace is `SIM_BUDGET` (default 0.09, env `NCL_FAST_SIM_BUDGET`) times
+the feature map's bytes, allocated whatever the masks (its size must be known
+without reading the counts). Images are placed in batch order; an image whose
+block does not fit, and every later image that does not, take the bounded path.
+At the paper's stage 1 and 2 (L = 1024, D = 4096) a block is at most 25 % of
+one image's fp32 map (L^2 fp32 vs C h w values), 9 % of a typical one at 15 %
+tampered area; `SIM_BUDGET = 0` forces the bounded path for every image.
+
+Precision. Similarities: bf16/fp16 features go to the tensor cores as they are
+(products exact in the fp32 accumulator); fp32 features use
+`FP32_DOT_PRECISION` (default "tf32x3", three tf32 products, near-fp32; "ieee"
+for plain fp32 FMA; env `NCL_FAST_FP32_DOT_PRECISION`). Backward GEMMs: the
+coefficients are fp32 values of order 1 (the factor k1 is applied after the
+product, so nothing underflows in any input dtype); they meet the features as
+tf32 (`FP32_DOT_PRECISION` for fp32 features, "tf32" for bf16/fp16 features,
+whose values tf32 holds exactly). Everything else is fp32.
+
+Layouts: features are indexed in an internal D order that follows memory:
+(channel, row, column) for contiguous maps and (row, column, channel) for
+channels_last maps; similarities do not depend on the order of D, and anchors
+are read at the matching canonical index.
+
+Grids put the tiles on axis 0 (up to 2^31 - 1 programs) and the image on axis 1
+(B <= 65535).
+
+Tested on the CPU under TRITON_INTERPRET=1 (tests/test_ncl_terms.py, both
+paths); `bench/kernel_report.py` compiles every kernel for sm_90 and sm_80 and
+counts each launch's work; the GPU parity and timing run is `bench/gpu_check.sh`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -58,23 +80,41 @@ import triton.language as tl
 #: True when Triton runs kernels on the CPU through its interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Block sizes (tl.dot needs every dimension >= 16). 32 rows x 32 columns keeps a
-# similarity tile at 1K fp32 values (8 registers per thread at 4 warps) while
-# amortizing the row tile's loads over 32 columns; BLOCK_K = 64 elements (256 B
-# of an fp32 patch row) per load.
-# The backward never stores similarities, so each chunk of BLOCK_D output columns
-# recomputes its tiles over the full D: D / BLOCK_D recomputations (16 at D = 4096).
-# BLOCK_D = 256 with 8 warps holds the 32 x 256 fp32 accumulator in 32 registers
-# per thread. None of these is tuned on a GPU yet (bench/bench_ncl_loss.py).
+# ---- stored path -------------------------------------------------------------------------
+# Similarity GEMM: 64 tampered rows (wgmma's M) x 32 columns per program, so that
+# the 15 %-area shapes (|P| ~ 93, |P| + |N| ~ 970, B = 4) give ~250 programs
+# (about 2 per SM on 132 SMs). K chunks: 64 half values or 32 fp32 values (128 B).
+SIM_BM = 64
+SIM_BN = 32
+SIM_BK_HALF = 64
+SIM_BK_F32 = 32
+SIM_WARPS = 4
+SIM_STAGES = 3
+# Row pass over S: 16 rows x 128 columns per step.
+ROWS_BM = 16
+ROWS_BC = 128
+# Backward: 64 patches x 128 values of D per program, 32 partners per step.
+GRAD_BX = 64
+GRAD_BY = 16
+GRAD_BD = 128
+GRAD_WARPS = 8
+GRAD_STAGES = 2
+
+# ---- bounded path (and the per-patch statistics) -----------------------------------------
+# 32 x 32 similarity tiles, BLOCK_K = 64 elements per load; the backward holds a
+# 32 x 256 fp32 accumulator (8 warps) and recomputes its tiles per chunk of D.
 BLOCK_M = 32
 BLOCK_N = 32
-BLOCK_K = 64
-BLOCK_D = 256
+BLOCK_K = 64  # half inputs; 32 for fp32 (128 B of a patch row either way)
+BLOCK_K_F32 = 32
+BLOCK_K_F32_BWD = 16  # the backward holds more live tiles: 16 fp32 values per step keep it spill-free
+BLOCK_D = 128
 NUM_WARPS = 4
 NUM_WARPS_BWD = 8
-# fp32 x fp32 products: "ieee" keeps the 1e-5 parity with the reference;
-# "tf32x3" (near-fp32) or "tf32" trade accuracy for tensor-core speed.
-FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "ieee")
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "tf32x3")
+SIM_BUDGET = float(os.environ.get("NCL_FAST_SIM_BUDGET", "0.09"))
 EPS = 1e-12  # the F.normalize clamp of SPEC section 3
 
 
@@ -128,7 +168,7 @@ def _sim_tile(
         d_off, _ = _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST)
         a = tl.load(feat_b + poff_x[:, None] + d_off[None, :], mask=xmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:  # fp32 operands (fp32 inputs; the interpreter's bf16 dot is not exact)
+        if UPCAST:  # fp32 operands (fp32 inputs; the interpreter's half dot is not exact)
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision=PRECISION)
         else:  # bf16/fp16 products are exact in the fp32 accumulator
             acc = tl.dot(a, tl.trans(b), acc)
@@ -143,17 +183,34 @@ def _ncl_stats_fwd_kernel(
     nrm_ptr,  # (B, L) fp32 out: |f_x| by list position
     sa_ptr,  # (B, 2, L) fp32 out: s(a+, x), s(a-, x) by list position
     nrma_ptr,  # (B, 2) fp32 out: |a+|, |a-|
+    plan_ptr,  # (B, 2) int64 out: workspace offset of the image's block, 1 if stored
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_, D, inv_tau, eps,
+    L, Q, C, P_, D, inv_tau, eps, budget,
     BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     n_used = tl.load(counts_ptr + b * 3) + tl.load(counts_ptr + b * 3 + 1)
     x0 = pid * BLOCK_X
-    if (pid > 0) & (x0 >= n_used):  # program 0 always runs: it writes the anchor norms
+    if (pid > 0) & (x0 >= n_used):  # program 0 always runs: anchor norms and the plan
         return
+    if pid == 0:
+        # first fit in batch order: each image whose block fits after the stored
+        # blocks of the images before it is stored there
+        off = tl.zeros([], dtype=tl.int64)
+        stored = tl.zeros([], dtype=tl.int64)
+        for bb in range(0, b + 1):
+            n_p = tl.load(counts_ptr + bb * 3).to(tl.int64)
+            n_n = tl.load(counts_ptr + bb * 3 + 1).to(tl.int64)
+            size = tl.where((n_p >= 2) & (n_n >= 1), n_p * (n_p + n_n), 0)
+            fits = off + size <= budget
+            if bb == b:
+                stored = fits.to(tl.int64)
+            else:
+                off = tl.where(fits, off + size, off)
+        tl.store(plan_ptr + b * 2, off)
+        tl.store(plan_ptr + b * 2 + 1, stored)
     pos = x0 + tl.arange(0, BLOCK_X)
     pmask = pos < n_used
     feat_b = feat_ptr + b * stride_fb
@@ -188,9 +245,256 @@ def _ncl_stats_fwd_kernel(
         tl.store(nrma_ptr + b * 2 + 1, nrm_n)
 
 
+# ---- stored path kernels -----------------------------------------------------------------
+
+
+@triton.jit
+def _ncl_sim_kernel(
+    feat_ptr, perm_ptr, counts_ptr, nrm_ptr, plan_ptr,
+    ws_ptr,  # fp32 workspace out: S of each stored image, row-major (|P|, |P| + |N|)
+    stride_fb, stride_fc, stride_fy, stride_fx,
+    L, Q, C, P_, D, n_tn, inv_tau, eps,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tm = pid // n_tn
+    tn = pid % n_tn
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_used = n_p + n_n
+    stored = tl.load(plan_ptr + b * 2 + 1)
+    m0 = tm * BM
+    c0 = tn * BN
+    if (stored == 0) | (n_p < 2) | (n_n < 1) | (m0 >= n_p) | (c0 >= n_used):
+        return
+    off = tl.load(plan_ptr + b * 2)
+    feat_b = feat_ptr + b * stride_fb
+    perm_b = perm_ptr + b * L
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < n_p
+    cols = c0 + tl.arange(0, BN)
+    cmask = cols < n_used
+    poff_m = _patch_offsets(perm_b, rows, rmask, Q, P_, stride_fy, stride_fx)
+    poff_n = _patch_offsets(perm_b, cols, cmask, Q, P_, stride_fy, stride_fx)
+    rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=rmask, other=1.0), eps)
+    rn_n = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cmask, other=1.0), eps)
+    s = _sim_tile(feat_b, poff_m, rmask, rn_m, poff_n, cmask, rn_n, C, P_, D, stride_fc, stride_fy,
+                  stride_fx, inv_tau, BM, BN, BK, CHANNELS_LAST, UPCAST, PRECISION)
+    ld = n_used.to(tl.int64)
+    tl.store(ws_ptr + off + rows[:, None].to(tl.int64) * ld + cols[None, :], s,
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _ncl_rows_kernel(
+    ws_ptr, plan_ptr, counts_ptr,
+    lse_ptr, w_ptr,  # (B, L) fp32 out: lam_m, W_m by position (tampered rows of stored images)
+    part_ptr,  # (B, n_blocks) fp32 out: sum over the block's rows of sum_j softplus(lam_m - s_mj)
+    L, n_blocks,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_used = n_p + n_n
+    stored = tl.load(plan_ptr + b * 2 + 1)
+    m0 = pid * BM
+    if (stored == 0) | (n_p < 2) | (n_n < 1) | (m0 >= n_p):
+        tl.store(part_ptr + b * n_blocks + pid, 0.0)
+        return
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < n_p
+    row_ptr = ws_ptr + tl.load(plan_ptr + b * 2) + rows.to(tl.int64) * n_used.to(tl.int64)
+    # 1. lam_m: online, max-shifted log-sum-exp over the authentic columns; every
+    #    step holds a column, so the running max of a valid row is finite
+    run_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(n_p, n_used, BC):
+        cols = c0 + tl.arange(0, BC)
+        m = rmask[:, None] & (cols < n_used)[None, :]
+        s = tl.load(row_ptr[:, None] + cols[None, :], mask=m, other=float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    # 2. sum_j softplus(lam_m - s_mj) and W_m over the tampered columns j != m
+    term = tl.zeros([BM], dtype=tl.float32)
+    wsum = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(0, n_p, BC):
+        cols = c0 + tl.arange(0, BC)
+        ok = rmask[:, None] & (cols < n_p)[None, :] & (cols[None, :] != rows[:, None])
+        s = tl.load(row_ptr[:, None] + cols[None, :], mask=ok, other=0.0)
+        z = lse[:, None] - s
+        term += tl.sum(tl.where(ok, _softplus(z), 0.0), axis=1)
+        wsum += tl.sum(tl.where(ok, _sigmoid(z), 0.0), axis=1)
+    tl.store(lse_ptr + b * L + rows, lse, mask=rmask)
+    tl.store(w_ptr + b * L + rows, wsum, mask=rmask)
+    tl.store(part_ptr + b * n_blocks + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0))
+
+
+@triton.jit
+def _anchor_coef(x_is_p, s, lse, w, k2or3, IS_POS: tl.constexpr):
+    """dL/ds(a, x) for the anchor a+ (IS_POS) or a-: see the module docstring."""
+    if IS_POS:  # positives P, negatives N
+        return tl.where(x_is_p, -k2or3 * _sigmoid(lse - s), k2or3 * w * tl.exp(s - lse))
+    else:  # positives N, negatives P
+        return tl.where(x_is_p, k2or3 * w * tl.exp(s - lse), -k2or3 * _sigmoid(lse - s))
+
+
+@triton.jit
+def _store_rows(grad_b, val, perm_b, rows, in_grid, kd, kdmask, C, Q, P_, stride_gc, stride_gy, stride_gx,
+                CHANNELS_LAST: tl.constexpr):
+    """Store a [rows, chunk of D] tile of patch gradients into the map's own layout
+    (the addresses are formed here, at the end, so that they hold no registers before)."""
+    g_off, _ = _d_offsets(kd, C, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
+    goff_x = _patch_offsets(perm_b, rows, in_grid, Q, P_, stride_gy, stride_gx)
+    tl.store(grad_b + goff_x[:, None] + g_off[None, :], val.to(grad_b.dtype.element_ty),
+             mask=in_grid[:, None] & kdmask[None, :])
+
+
+@triton.jit
+def _row_setup(
+    b, rows, xmask, x_is_p,
+    counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+):
+    """Per patch x of a tile: |f_x|, lam_x, W_x, k1, the anchor coefficients c+_x,
+    c-_x and their share of <hat f_x, d hat f_x>: c+_x s(a+, x) + c-_x s(a-, x)."""
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_k = tl.load(counts_ptr + b * 3 + 2)
+    t23_ok = (n_p >= 1) & (n_n >= 1) & (n_k >= 1)
+    n_pf = n_p.to(tl.float32)
+    k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
+    k2 = tl.load(gout_ptr + b * 3 + 1) / tl.maximum(n_pf, 1.0)
+    k3 = tl.load(gout_ptr + b * 3 + 2) / tl.maximum(n_n.to(tl.float32), 1.0)
+    nrm_x = tl.load(nrm_ptr + b * L + rows, mask=xmask, other=1.0)
+    lse_x = tl.load(lse_ptr + b * L + rows, mask=xmask & x_is_p, other=0.0)
+    w_x = tl.load(w_ptr + b * L + rows, mask=xmask & x_is_p, other=0.0)
+    s_pos = tl.load(sa_ptr + b * 2 * L + rows, mask=xmask, other=0.0)
+    s_neg = tl.load(sa_ptr + b * 2 * L + L + rows, mask=xmask, other=0.0)
+    c_pos = _anchor_coef(x_is_p, s_pos, tl.load(lsea_ptr + b * 2), tl.load(wa_ptr + b * 2), k2, True)
+    c_neg = _anchor_coef(x_is_p, s_neg, tl.load(lsea_ptr + b * 2 + 1), tl.load(wa_ptr + b * 2 + 1), k3, False)
+    c_pos = tl.where(t23_ok & xmask, c_pos, 0.0)
+    c_neg = tl.where(t23_ok & xmask, c_neg, 0.0)
+    return nrm_x, lse_x, w_x, k1, c_pos, c_neg, c_pos * s_pos + c_neg * s_neg
+
+
+@triton.jit
+def _grad_out(
+    acc, dot_x, c_pos, c_neg, nrm_x, fx, b, kdmask, canon, apos_ptr, aneg_ptr, nrma_ptr,
+    stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps,
+):
+    """d f_x on a chunk of D from acc = sum_y T_xy hat f_y: adds the anchors' share
+    c+_x hat a+ + c-_x hat a-, then the normalization's backward."""
+    ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kdmask, other=0.0).to(tl.float32)
+    an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kdmask, other=0.0).to(tl.float32)
+    ap = ap / tl.maximum(tl.load(nrma_ptr + b * 2), eps)
+    an = an / tl.maximum(tl.load(nrma_ptr + b * 2 + 1), eps)
+    acc += c_pos[:, None] * ap[None, :] + c_neg[:, None] * an[None, :]
+    rn_x = 1.0 / tl.maximum(nrm_x, eps)
+    radial = tl.where(nrm_x >= eps, dot_x, 0.0)
+    return rn_x[:, None] * (acc * inv_tau - fx * (rn_x * radial)[:, None])
+
+
+@triton.jit
+def _ncl_grad_kernel(
+    feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (uncovered cells are the caller's)
+    apos_ptr, aneg_ptr,
+    perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
+    gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
+    plan_ptr, ws_ptr,
+    stride_fb, stride_fc, stride_fy, stride_fx,
+    stride_gb, stride_gc, stride_gy, stride_gx,
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    L, Q, C, P_, D, n_tx, inv_tau, eps,
+    BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if tl.load(plan_ptr + b * 2 + 1) == 0:  # the bounded kernel does this image
+        return
+    td = pid // n_tx
+    tx = pid % n_tx
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_used = n_p + n_n
+    x0 = tx * BX
+    rows = x0 + tl.arange(0, BX)
+    in_grid = rows < L
+    kd = td * BD + tl.arange(0, BD)
+    kdmask = kd < D
+    perm_b = perm_ptr + b * L
+    if x0 >= n_used:  # contour patches only: their gradient is zero
+        _store_rows(grad_ptr + b * stride_gb, tl.zeros([BX, BD], dtype=tl.float32), perm_b, rows, in_grid, kd, kdmask,
+                    C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
+        return
+    xmask = rows < n_used
+    x_is_p = rows < n_p
+    d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+    nrm_x, lse_x, w_x, k1, c_pos, c_neg, dot_x = _row_setup(
+        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+    )
+    feat_b = feat_ptr + b * stride_fb
+    # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows)
+    pair = tl.zeros([BX, BD], dtype=tl.float32)
+    if (n_p >= 2) & (n_n >= 1):
+        ws_b = ws_ptr + tl.load(plan_ptr + b * 2)
+        ld = n_used.to(tl.int64)
+        pdot = tl.zeros([BX], dtype=tl.float32)
+        # 1. x in P: sum_y dL/ds_xy hat f_y over y in P u N (row x of S)
+        if x0 < n_p:
+            for y0 in range(0, n_used, BY):
+                cols = y0 + tl.arange(0, BY)
+                ymask = cols < n_used
+                ok = x_is_p[:, None] & ymask[None, :] & (rows[:, None] != cols[None, :])
+                s = tl.load(ws_b + rows[:, None].to(tl.int64) * ld + cols[None, :], mask=ok, other=0.0)
+                c = tl.where((cols < n_p)[None, :], -_sigmoid(lse_x[:, None] - s),
+                             w_x[:, None] * tl.exp(s - lse_x[:, None]))
+                c = tl.where(ok, c, 0.0)
+                pdot += tl.sum(c * s, axis=1)
+                rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=ymask, other=1.0), eps)
+                poff_y = _patch_offsets(perm_b, cols, ymask, Q, P_, stride_fy, stride_fx)
+                fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :],
+                             other=0.0)
+                pair = tl.dot(c * rn_y[None, :], fy.to(tl.float32), pair, input_precision=PRECISION)
+        # 2. every x: sum_y dL/ds_yx hat f_y over y in P (column x of S)
+        for y0 in range(0, n_p, BY):
+            ys = y0 + tl.arange(0, BY)
+            ymask = ys < n_p
+            ok = ymask[:, None] & xmask[None, :] & (ys[:, None] != rows[None, :])
+            st = tl.load(ws_b + ys[:, None].to(tl.int64) * ld + rows[None, :], mask=ok, other=0.0)  # [BY, BX]
+            lse_y = tl.load(lse_ptr + b * L + ys, mask=ymask, other=0.0)
+            w_y = tl.load(w_ptr + b * L + ys, mask=ymask, other=0.0)
+            ct = tl.where(x_is_p[None, :], -_sigmoid(lse_y[:, None] - st), w_y[:, None] * tl.exp(st - lse_y[:, None]))
+            ct = tl.where(ok, ct, 0.0)
+            pdot += tl.sum(ct * st, axis=0)
+            rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ys, mask=ymask, other=1.0), eps)
+            poff_y = _patch_offsets(perm_b, ys, ymask, Q, P_, stride_fy, stride_fx)
+            fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :], other=0.0)
+            pair = tl.dot(tl.trans(ct * rn_y[:, None]), fy.to(tl.float32), pair, input_precision=PRECISION)
+        pair = k1 * pair
+        dot_x += k1 * pdot
+    # the anchors' share, then through the normalization into the map's own layout;
+    # contour rows of a mixed tile get 0
+    fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
+                 mask=xmask[:, None] & kdmask[None, :], other=0.0).to(tl.float32)
+    grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx, b, kdmask, canon, apos_ptr, aneg_ptr, nrma_ptr,
+                     stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
+    grad = tl.where(xmask[:, None], grad, 0.0)
+    _store_rows(grad_ptr + b * stride_gb, grad, perm_b, rows, in_grid, kd, kdmask,
+                C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
+
+
+# ---- bounded path kernels ----------------------------------------------------------------
+
+
 @triton.jit
 def _ncl_pair_fwd_kernel(
-    feat_ptr, perm_ptr, counts_ptr, nrm_ptr,
+    feat_ptr, perm_ptr, counts_ptr, nrm_ptr, plan_ptr,
     lse_ptr,  # (B, L) fp32 out: lam_m by position (tampered rows)
     w_ptr,  # (B, L) fp32 out: W_m = sum_{j != m} sigmoid(lam_m - s_mj)
     part_ptr,  # (B, n_row_blocks) fp32 out: sum over the block's rows of sum_j softplus(...)
@@ -199,12 +503,13 @@ def _ncl_pair_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     m0 = pid * BLOCK_M
-    if (m0 >= n_p) | (n_p < 2) | (n_n < 1):  # no rows here, or t1 undefined
+    stored = tl.load(plan_ptr + b * 2 + 1)
+    if (stored != 0) | (m0 >= n_p) | (n_p < 2) | (n_n < 1):  # stored path, no rows here, or t1 undefined
         tl.store(part_ptr + b * n_blocks + pid, 0.0)
         return
     feat_b = feat_ptr + b * stride_fb
@@ -299,36 +604,38 @@ def _ncl_anchor_fwd_kernel(
 
 
 @triton.jit
-def _anchor_coef(x_is_p, s, lse, w, k2or3, IS_POS: tl.constexpr):
-    """dL/ds(a, x) for the anchor a+ (IS_POS) or a-: see the module docstring."""
-    if IS_POS:  # positives P, negatives N
-        return tl.where(x_is_p, -k2or3 * _sigmoid(lse - s), k2or3 * w * tl.exp(s - lse))
-    else:  # positives N, negatives P
-        return tl.where(x_is_p, k2or3 * w * tl.exp(s - lse), -k2or3 * _sigmoid(lse - s))
-
-
-@triton.jit
 def _ncl_pair_bwd_kernel(
-    feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (zero-initialized)
+    feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (uncovered cells are the caller's)
     apos_ptr, aneg_ptr,
     perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
     gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
+    plan_ptr,
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_, D, inv_tau, eps,
+    L, Q, C, P_, D, n_tx, inv_tau, eps,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, COEF_PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    pid_x = tl.program_id(1)
-    pid_d = tl.program_id(2)
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if tl.load(plan_ptr + b * 2 + 1) != 0:  # the stored path does this image
+        return
+    pid_d = pid // n_tx
+    pid_x = pid % n_tx
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_k = tl.load(counts_ptr + b * 3 + 2)
     n_used = n_p + n_n
     x0 = pid_x * BLOCK_X
-    if x0 >= n_used:
+    perm_b = perm_ptr + b * L
+    rows = x0 + tl.arange(0, BLOCK_X)
+    in_grid = rows < L
+    kd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    kdmask = kd < D
+    if x0 >= n_used:  # contour patches only: their gradient is zero
+        _store_rows(grad_ptr + b * stride_gb, tl.zeros([BLOCK_X, BLOCK_D], dtype=tl.float32), perm_b, rows, in_grid,
+                    kd, kdmask, C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
         return
     # 1. per-image coefficients; undefined terms get no gradient
     t1_ok = (n_p >= 2) & (n_n >= 1)
@@ -339,8 +646,6 @@ def _ncl_pair_bwd_kernel(
     k3 = tl.load(gout_ptr + b * 3 + 2) / tl.maximum(n_n.to(tl.float32), 1.0)
 
     feat_b = feat_ptr + b * stride_fb
-    perm_b = perm_ptr + b * L
-    rows = x0 + tl.arange(0, BLOCK_X)
     xmask = rows < n_used
     x_is_p = rows < n_p
     poff_x = _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)
@@ -358,18 +663,13 @@ def _ncl_pair_bwd_kernel(
     c_neg = tl.where(t23_ok & xmask, c_neg, 0.0)
     dot_x = c_pos * s_pos + c_neg * s_neg  # <hat f_x, d hat f_x>, accumulated below
 
-    kd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    kdmask = kd < D
     d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
-    ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kdmask, other=0.0).to(tl.float32)
-    an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kdmask, other=0.0).to(tl.float32)
-    ap = ap / tl.maximum(tl.load(nrma_ptr + b * 2), eps)
-    an = an / tl.maximum(tl.load(nrma_ptr + b * 2 + 1), eps)
-    acc = c_pos[:, None] * ap[None, :] + c_neg[:, None] * an[None, :]  # [BLOCK_X, BLOCK_D]
+    pair = tl.zeros([BLOCK_X, BLOCK_D], dtype=tl.float32)  # without the factor k1: nothing underflows
 
     # 3. pairs: columns over P always, over N too when this block holds tampered rows
     y_end = tl.where(x0 < n_p, n_used, n_p)
     if t1_ok:
+        pdot = tl.zeros([BLOCK_X], dtype=tl.float32)
         for y0 in range(0, y_end, BLOCK_N):
             cols = y0 + tl.arange(0, BLOCK_N)
             ymask = cols < y_end
@@ -381,33 +681,32 @@ def _ncl_pair_bwd_kernel(
             s = _sim_tile(feat_b, poff_x, xmask, rn_x, poff_y, ymask, rn_y, C, P_, D, stride_fc, stride_fy,
                           stride_fx, inv_tau, BLOCK_X, BLOCK_N, BLOCK_K, CHANNELS_LAST, UPCAST, PRECISION)
             # dL/ds_xy with x as the row (x in P) ...
-            c_row = tl.where(y_is_p[None, :], -k1 * _sigmoid(lse_x[:, None] - s),
-                             k1 * w_x[:, None] * tl.exp(s - lse_x[:, None]))
+            c_row = tl.where(y_is_p[None, :], -_sigmoid(lse_x[:, None] - s),
+                             w_x[:, None] * tl.exp(s - lse_x[:, None]))
             c_row = tl.where(x_is_p[:, None], c_row, 0.0)
             # ... and dL/ds_yx with y as the row (y in P), s_yx = s_xy
-            c_col = tl.where(x_is_p[:, None], -k1 * _sigmoid(lse_y[None, :] - s),
-                             k1 * w_y[None, :] * tl.exp(s - lse_y[None, :]))
+            c_col = tl.where(x_is_p[:, None], -_sigmoid(lse_y[None, :] - s),
+                             w_y[None, :] * tl.exp(s - lse_y[None, :]))
             c_col = tl.where(y_is_p[None, :], c_col, 0.0)
             keep = xmask[:, None] & ymask[None, :] & (rows[:, None] != cols[None, :])
             t = tl.where(keep, c_row + c_col, 0.0)
-            dot_x += tl.sum(t * s, axis=1)
+            pdot += tl.sum(t * s, axis=1)
             fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :],
                          other=0.0)
             t = t * rn_y[None, :]  # T @ hat F_y == (T diag(1/|f_y|)) @ F_y
-            if UPCAST:
-                acc = tl.dot(t, fy.to(tl.float32), acc, input_precision=PRECISION)
-            else:  # half inputs: tensor-core dot; the gradient is rounded to that dtype anyway
-                acc = tl.dot(t.to(fy.dtype), fy, acc)
+            # fp32 coefficients (tf32 for half features, which tf32 holds exactly)
+            pair = tl.dot(t, fy.to(tl.float32), pair, input_precision=COEF_PRECISION)
+        pair = k1 * pair
+        dot_x += k1 * pdot
 
-    # 4. through the normalization, into the feature map's own layout
+    # 4. the anchors' share, then through the normalization into the map's own layout
     fx = tl.load(feat_b + poff_x[:, None] + d_off[None, :], mask=xmask[:, None] & kdmask[None, :],
                  other=0.0).to(tl.float32)
-    radial = tl.where(nrm_x >= eps, dot_x, 0.0)
-    grad = rn_x[:, None] * (acc * inv_tau - fx * (rn_x * radial)[:, None])
-    goff_x = _patch_offsets(perm_b, rows, xmask, Q, P_, stride_gy, stride_gx)
-    g_off, _ = _d_offsets(kd, C, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
-    tl.store(grad_ptr + b * stride_gb + goff_x[:, None] + g_off[None, :], grad,
-             mask=xmask[:, None] & kdmask[None, :])
+    grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx, b, kdmask, canon, apos_ptr, aneg_ptr, nrma_ptr,
+                     stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
+    grad = tl.where(xmask[:, None], grad, 0.0)  # contour rows of a mixed tile get 0
+    _store_rows(grad_ptr + b * stride_gb, grad, perm_b, rows, in_grid, kd, kdmask,
+                C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
 
 
 @triton.jit
@@ -467,6 +766,8 @@ def _ncl_anchor_bwd_kernel(
         tl.store(gneg_ptr + b * D + canon, grad, mask=kdmask)
 
 
+
+
 # ---- launchers ---------------------------------------------------------------------------
 
 
@@ -477,6 +778,33 @@ def _layout(feat: torch.Tensor) -> bool:
 
 def _upcast(feat: torch.Tensor) -> bool:
     return INTERPRET or feat.dtype == torch.float32
+
+
+def fp32_precision() -> str:
+    if FP32_DOT_PRECISION not in PRECISIONS:
+        raise ValueError(
+            f"NCL_FAST_FP32_DOT_PRECISION (ncl_fast.kernels.ncl_terms.FP32_DOT_PRECISION) must be one of "
+            f"{', '.join(PRECISIONS)}; got {FP32_DOT_PRECISION!r}"
+        )
+    return FP32_DOT_PRECISION
+
+
+def workspace_elems(feat: torch.Tensor) -> int:
+    """fp32 values of the similarity workspace: `SIM_BUDGET` x the feature map's bytes."""
+    if not SIM_BUDGET >= 0:
+        raise ValueError(f"NCL_FAST_SIM_BUDGET (a fraction of the feature map's bytes) must be >= 0; got {SIM_BUDGET}")
+    return int(SIM_BUDGET * feat.numel() * feat.element_size()) // 4
+
+
+def _grid_check(n: int, what: str) -> int:
+    if n > 2**31 - 1:
+        raise ValueError(f"ncl_terms (Triton): {what} needs {n} programs on one grid axis, above 2^31 - 1")
+    return n
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensor's device, whichever CUDA device is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def ncl_terms_fwd(
@@ -490,13 +818,17 @@ def ncl_terms_fwd(
     tau: float,
 ):
     """Per-image `[t1, t2, t3]` (B, 3) fp32 and what the backward needs:
-    `(terms, nrm, nrma, sa, lse, w, lsea, wa)` (all linear in L)."""
+    `(terms, nrm, nrma, sa, lse, w, lsea, wa, plan, ws)`: vectors linear in L, the
+    plan (B, 2) int64 and the similarity workspace."""
     B, C = feat.shape[:2]
     R, Q = grid_rq
     L = R * Q
     D = C * patch * patch
+    if B > 65535:
+        raise ValueError(f"ncl_terms (Triton): batch {B} above the grid's 65535 images per launch; split the batch")
     dev = feat.device
     f32 = dict(dtype=torch.float32, device=dev)
+    precision = fp32_precision()
     nrm = torch.zeros(B, L, **f32)
     nrma = torch.zeros(B, 2, **f32)
     sa = torch.zeros(B, 2, L, **f32)
@@ -505,29 +837,47 @@ def ncl_terms_fwd(
     lsea = torch.zeros(B, 2, **f32)
     wa = torch.zeros(B, 2, **f32)
     t23 = torch.zeros(B, 2, **f32)
-    n_blocks = triton.cdiv(L, BLOCK_M)
-    part = torch.zeros(B, n_blocks, **f32)
+    plan = torch.empty(B, 2, dtype=torch.int64, device=dev)
+    budget = workspace_elems(feat)
+    n_tm, n_tn = triton.cdiv(L, SIM_BM), triton.cdiv(L, SIM_BN)
+    if n_tm * n_tn > 2**31 - 1:  # the stored path's grid would not fit: bounded path for every image
+        budget = 0
+    ws = torch.empty(max(budget, 1), **f32)
+    n_blocks_b = triton.cdiv(L, BLOCK_M)
+    n_blocks_s = triton.cdiv(L, ROWS_BM)
+    part_b = torch.empty(B, n_blocks_b, **f32)
+    part_s = torch.empty(B, n_blocks_s, **f32)
     fs = (feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3))
     cl = _layout(feat)
+    up = _upcast(feat)
     inv_tau = 1.0 / tau
-    _ncl_stats_fwd_kernel[(B, triton.cdiv(L, BLOCK_M))](
-        feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, nrma,
-        *fs, anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1),
-        L, Q, C, patch, D, inv_tau, EPS,
-        BLOCK_X=BLOCK_M, BLOCK_K=BLOCK_K, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
-    )
-    _ncl_pair_fwd_kernel[(B, n_blocks)](
-        feat, perm, counts, nrm, lse, w, part,
-        *fs, L, Q, C, patch, D, n_blocks, inv_tau, EPS,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, CHANNELS_LAST=cl,
-        UPCAST=_upcast(feat), PRECISION=FP32_DOT_PRECISION, num_warps=NUM_WARPS,
-    )
-    # one program per (image, anchor) walks at most L similarities in blocks of 256
-    _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, t23, lsea, wa, L, BLOCK=256)
+    with _device_guard(feat):
+        _ncl_stats_fwd_kernel[(triton.cdiv(L, BLOCK_M), B)](
+            feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, nrma, plan,
+            *fs, anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1),
+            L, Q, C, patch, D, inv_tau, EPS, budget,
+            BLOCK_X=BLOCK_M, BLOCK_K=BLOCK_K, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+        )
+        _ncl_sim_kernel[(n_tm * n_tn if budget > 0 else 1, B)](
+            feat, perm, counts, nrm, plan, ws,
+            *fs, L, Q, C, patch, D, n_tn, inv_tau, EPS,
+            BM=SIM_BM, BN=SIM_BN, BK=SIM_BK_F32 if up else SIM_BK_HALF, CHANNELS_LAST=cl,
+            UPCAST=up, PRECISION=precision, num_warps=SIM_WARPS, num_stages=SIM_STAGES,
+        )
+        _ncl_rows_kernel[(n_blocks_s, B)](ws, plan, counts, lse, w, part_s, L, n_blocks_s, BM=ROWS_BM, BC=ROWS_BC)
+        _ncl_pair_fwd_kernel[(n_blocks_b, B)](
+            feat, perm, counts, nrm, plan, lse, w, part_b,
+            *fs, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32 if up else BLOCK_K, CHANNELS_LAST=cl,
+            UPCAST=up, PRECISION=precision, num_warps=NUM_WARPS,
+        )
+        # one program per (image, anchor) walks at most L similarities in blocks of 256
+        _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, t23, lsea, wa, L, BLOCK=256)
     n_p = counts[:, 0].to(torch.float32)
-    t1 = part.sum(dim=1) / (n_p * (n_p - 1)).clamp(min=1.0)  # 0 where undefined: every part is 0
+    # every part of an image whose t1 is undefined is 0
+    t1 = (part_s.sum(dim=1) + part_b.sum(dim=1)) / (n_p * (n_p - 1)).clamp(min=1.0)
     terms = torch.cat([t1[:, None], t23], dim=1)
-    return terms, nrm, nrma, sa, lse, w, lsea, wa
+    return terms, nrm, nrma, sa, lse, w, lsea, wa, plan, ws
 
 
 def ncl_terms_bwd(
@@ -542,32 +892,50 @@ def ncl_terms_bwd(
     grid_rq: tuple[int, int],
     tau: float,
 ):
-    """Gradients `(d feat, d anchor_pos, d anchor_neg)`; `saved = (nrm, nrma, sa, lse, w, lsea, wa)`."""
-    nrm, nrma, sa, lse, w, lsea, wa = saved
+    """Gradients `(d feat, d anchor_pos, d anchor_neg)`;
+    `saved = (nrm, nrma, sa, lse, w, lsea, wa, plan, ws)`."""
+    nrm, nrma, sa, lse, w, lsea, wa, plan, ws = saved
     B, C = feat.shape[:2]
     R, Q = grid_rq
     L = R * Q
     D = C * patch * patch
     gout = grad_terms.to(torch.float32).contiguous()
-    grad_feat = torch.zeros_like(feat)
+    # every covered cell is written by the kernels (contour patches get zeros);
+    # only the cells no whole patch covers are zeroed here
+    grad_feat = torch.empty_like(feat)
+    if R * patch < feat.shape[2]:
+        grad_feat[:, :, R * patch:, :].zero_()
+    if Q * patch < feat.shape[3]:
+        grad_feat[:, :, : R * patch, Q * patch:].zero_()
     grad_pos = torch.empty(B, D, dtype=anchor_pos.dtype, device=feat.device)
     grad_neg = torch.empty(B, D, dtype=anchor_neg.dtype, device=feat.device)
     fs = (feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3))
     gs = (grad_feat.stride(0), grad_feat.stride(1), grad_feat.stride(2), grad_feat.stride(3))
     as_ = (anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1))
     cl = _layout(feat)
+    up = _upcast(feat)
+    precision = fp32_precision()
     inv_tau = 1.0 / tau
-    _ncl_pair_bwd_kernel[(B, triton.cdiv(L, BLOCK_M), triton.cdiv(D, BLOCK_D))](
-        feat, grad_feat, anchor_pos, anchor_neg,
-        perm, counts, nrm, nrma, sa, lse, w, lsea, wa, gout,
-        *fs, *gs, *as_, L, Q, C, patch, D, inv_tau, EPS,
-        BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl,
-        UPCAST=_upcast(feat), PRECISION=FP32_DOT_PRECISION, num_warps=NUM_WARPS_BWD,
-    )
-    _ncl_anchor_bwd_kernel[(B, 2, triton.cdiv(D, BLOCK_D))](
-        feat, anchor_pos, anchor_neg, grad_pos, grad_neg,
-        perm, counts, nrm, nrma, sa, lsea, wa, gout,
-        *fs, *as_, L, Q, C, patch, D, inv_tau, EPS,
-        BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
-    )
+    common = (perm, counts, nrm, nrma, sa, lse, w, lsea, wa, gout, plan)
+    with _device_guard(feat):
+        n_tx, n_td = triton.cdiv(L, GRAD_BX), triton.cdiv(D, GRAD_BD)
+        _ncl_grad_kernel[(_grid_check(n_tx * n_td, "the backward"), B)](
+            feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
+            *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
+            BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
+            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        )
+        n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, BLOCK_D)
+        _ncl_pair_bwd_kernel[(_grid_check(n_tx * n_td, "the bounded backward"), B)](
+            feat, grad_feat, anchor_pos, anchor_neg, *common,
+            *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
+            BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BWD if up else BLOCK_K, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl,
+            UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", num_warps=NUM_WARPS_BWD,
+        )
+        _ncl_anchor_bwd_kernel[(B, 2, triton.cdiv(D, BLOCK_D))](
+            feat, anchor_pos, anchor_neg, grad_pos, grad_neg,
+            perm, counts, nrm, nrma, sa, lsea, wa, gout,
+            *fs, *as_, L, Q, C, patch, D, inv_tau, EPS,
+            BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+        )
     return grad_feat, grad_pos, grad_neg

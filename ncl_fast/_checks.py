@@ -142,6 +142,15 @@ def check_labels(labels: torch.Tensor, batch: int, num_patches: int) -> None:
         )
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor (uint8), got {labels.dtype}")
+    # Values are read only where that is free (CPU tensors): on a GPU it would make the
+    # host wait. There, a value outside {0, 1, 2} puts its patch in none of P, N, K.
+    if (labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling()
+            and not bool(((labels >= 0) & (labels <= 2)).all())):
+        bad = labels[(labels < 0) | (labels > 2)].unique()[:5].tolist()
+        raise ValueError(
+            f"labels must be 0 (authentic), 1 (tampered) or 2 (contour); found {bad}; "
+            f"compute them with patch_labels(mask, feat.shape[-2:], patch)"
+        )
 
 
 def check_logits(logits: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:

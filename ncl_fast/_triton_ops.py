@@ -81,9 +81,9 @@ def _ncl_terms_op(
     cols: int,
     tau: float,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-]:  # terms, counts, perm, then what the backward needs: nrm, nrma, sa, lse, w, lsea, wa
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # terms, counts, perm, then what the backward needs: nrm, nrma, sa, lse, w, lsea, wa, plan, ws
     counts, perm = _k_labels.patch_lists_fwd(labels)
     out = _k_ncl.ncl_terms_fwd(feat, anchor_pos, anchor_neg, counts, perm, patch, (rows, cols), tau)
     terms, saved = out[0], out[1:]
@@ -106,6 +106,8 @@ def _(feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau):
         torch.empty(B, L, **f32),  # w
         torch.empty(B, 2, **f32),  # lsea
         torch.empty(B, 2, **f32),  # wa
+        torch.empty(B, 2, dtype=torch.int64, device=feat.device),  # plan
+        torch.empty(max(_k_ncl.workspace_elems(feat), 1), **f32),  # ws: the similarity workspace
     )
 
 
@@ -124,17 +126,20 @@ def _ncl_terms_bwd_op(
     w: torch.Tensor,
     lsea: torch.Tensor,
     wa: torch.Tensor,
+    plan: torch.Tensor,
+    ws: torch.Tensor,
     patch: int,
     rows: int,
     cols: int,
     tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    saved = (nrm, nrma, sa, lse, w, lsea, wa)
+    saved = (nrm, nrma, sa, lse, w, lsea, wa, plan, ws)
     return _k_ncl.ncl_terms_bwd(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, saved, patch, (rows, cols), tau)
 
 
 @_ncl_terms_bwd_op.register_fake
-def _(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, nrm, nrma, sa, lse, w, lsea, wa, patch, rows, cols, tau):
+def _(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, nrm, nrma, sa, lse, w, lsea, wa, plan, ws, patch, rows, cols,
+      tau):
     return torch.empty_like(feat), torch.empty_like(anchor_pos), torch.empty_like(anchor_neg)
 
 
@@ -173,7 +178,18 @@ def ncl_terms(
                 f"impl='triton' computes in fp32 from fp32/bf16/fp16 inputs; {name} is {t.dtype} "
                 f"(use impl='reference' for fp64, e.g. in gradcheck)"
             )
-    return _ncl_terms_op(feat, labels.to(torch.uint8), anchor_pos, anchor_neg, patch, grid.rows, grid.cols, float(tau))[0]
+    return _ncl_terms_op(feat, _as_label_codes(labels), anchor_pos, anchor_neg, patch, grid.rows, grid.cols,
+                         float(tau))[0]
+
+
+def _as_label_codes(labels: torch.Tensor) -> torch.Tensor:
+    """uint8 labels for the kernels. A value outside {0, 1, 2} is in none of P, N, K
+    (so the reference treats it): the list kernel puts such patches after the contour
+    ones, where they get no gradient. Other integer dtypes are mapped on the device
+    (a cast alone would wrap 256 to 0): no host synchronization."""
+    if labels.dtype == torch.uint8:
+        return labels
+    return torch.where((labels >= 0) & (labels <= 2), labels, 3).to(torch.uint8)
 
 
 OPS = {"patch_labels": patch_labels, "ncl_terms": ncl_terms}

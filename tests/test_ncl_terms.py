@@ -26,10 +26,20 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["reference", "triton"])
-def impl(request):
-    require_backend(request.param, "ncl_terms")
-    return request.param
+# The Triton op's two paths: "stored" keeps each image's similarity block in the
+# workspace (a budget far above any test's needs), "bounded" never does (budget 0).
+BUDGETS = {"stored": 64.0, "bounded": 0.0}
+
+
+@pytest.fixture(params=["reference", "triton-stored", "triton-bounded"])
+def impl(request, monkeypatch):
+    backend, _, path = request.param.partition("-")
+    require_backend(backend, "ncl_terms")
+    if path:
+        from ncl_fast.kernels import ncl_terms as k
+
+        monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS[path])
+    return backend
 
 
 def make_case(shape, kind, gen, dtype=torch.float32, s=2, tol=0.0):
@@ -179,6 +189,11 @@ def test_no_l_by_l_buffer(impl, gen):
     if impl == "reference":
         assert quadratic, "the recorder must see the reference's (B, L, L) similarity matrix"
     else:
+        # the stored path's workspace is sized by the feature map (SIM_BUDGET x its
+        # bytes), whatever L is; nothing else may grow with L^2
+        from ncl_fast.kernels import ncl_terms as k
+
+        quadratic = [n for n in quadratic if n != k.workspace_elems(feat)]
         assert not quadratic, f"buffers of {quadratic} elements: the fused op must not build L x L matrices"
 
 
@@ -221,14 +236,142 @@ def test_ncl_terms_gradients_only_where_used(gen):
     labels[1] = torch.where(labels[1] == 2, torch.zeros_like(labels[1]), labels[1])
     labels[1, 0], labels[1, 1] = 1, 1  # image 1: no contour, two tampered patches
     labels[0, 2] = 2  # image 0: at least one contour patch
-    for impl in ("reference", "triton"):
-        if impl == "triton":
+    for impl in ("reference", "triton-stored", "triton-bounded"):
+        backend, _, path = impl.partition("-")
+        if backend == "triton":
             require_backend("triton", "ncl_terms")
-        grad_out = torch.rand(2, 3, generator=gen) + 0.5
-        _, (g_feat, g_pos, g_neg) = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+        with pytest.MonkeyPatch.context() as mp:
+            if path:
+                from ncl_fast.kernels import ncl_terms as k
+
+                mp.setattr(k, "SIM_BUDGET", BUDGETS[path])
+            grad_out = torch.rand(2, 3, generator=gen) + 0.5
+            _, (g_feat, g_pos, g_neg) = terms_and_grads(backend, feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
         # contour cells of the feature map: fold the per-patch flag back to (B, C, h, w)
         flags = (labels == 2).float()[:, None, :].expand(2, 3 * 2 * 2, 16)
         cells = torch.nn.functional.fold(flags, output_size=(8, 8), kernel_size=2, stride=2)
         assert (g_feat[cells.expand_as(g_feat) > 0] == 0).all(), impl
         assert (g_pos[1] == 0).all() and (g_neg[1] == 0).all(), impl
         assert g_feat.abs().sum() > 0, impl
+
+
+# ---- the Triton op's two paths and its inputs ------------------------------------------------
+
+
+def _fwd_plan(feat, labels, a_pos, a_neg, p):
+    """The kernels' own forward: (terms, plan) with plan[b] = [workspace offset, stored]."""
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    counts, perm = kl.patch_lists_fwd(labels)
+    B, C, h, w = feat.shape
+    out = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, w // p), 0.1)
+    return out[0], out[-2], counts
+
+
+def test_mixed_batch_stores_what_fits(gen, monkeypatch):
+    # Budget for image 0's block and a little more: image 0 is stored, image 1 (larger) is
+    # not, image 2 (small) fits after image 0. Values and gradients still match.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    shape = (3, 4, 12, 12, 2)
+    feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
+    labels[0] = torch.tensor([1] * 4 + [0] * 30 + [2] * 2, dtype=torch.uint8)  # block 4 x 34 = 136
+    labels[1] = torch.tensor([1] * 12 + [0] * 20 + [2] * 4, dtype=torch.uint8)  # 12 x 32 = 384
+    labels[2] = torch.tensor([1] * 2 + [0] * 30 + [2] * 4, dtype=torch.uint8)  # 2 x 32 = 64
+    labels = labels[:, torch.randperm(36, generator=gen)]
+    map_bytes = feat.numel() * feat.element_size()
+    monkeypatch.setattr(k, "SIM_BUDGET", (136 + 64 + 10) * 4 / map_bytes)
+    assert k.workspace_elems(feat) >= 200 and k.workspace_elems(feat) < 136 + 384
+    terms, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
+    assert plan.tolist() == [[0, 1], [136, 0], [136, 1]]
+    check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
+    grad_out = torch.rand(3, 3, generator=gen) + 0.5
+    _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    check_grads(grads, want, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["stored", "bounded"])
+def test_plan_follows_the_budget(path, gen, monkeypatch):
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS[path])
+    feat, labels, a_pos, a_neg = make_case((2, 3, 8, 8, 2), "blobs", gen)
+    labels[:, :3] = torch.tensor([1, 1, 0], dtype=torch.uint8)  # t1 defined in both images
+    _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
+    assert plan[:, 1].tolist() == ([1, 1] if path == "stored" else [0, 0])
+
+
+def test_uncovered_cells_get_zero_gradient(impl, gen, monkeypatch):
+    # h, w not multiples of p: the last rows and columns belong to no patch. The fused
+    # backward writes every covered cell itself and zeroes only the uncovered ones:
+    # its gradient buffer starts as NaN here, so a cell nobody wrote shows.
+    if impl == "triton":
+        real_empty_like = torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    shape = (2, 3, 11, 13, 3)
+    feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
+    pattern = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 2, 2, 0, 1], dtype=torch.uint8)  # every term defined
+    labels = torch.stack([pattern[torch.randperm(12, generator=gen)] for _ in range(2)])
+    _, (g_feat, _, _) = terms_and_grads(impl, feat, labels, a_pos, a_neg, 3, 0.1, torch.ones(2, 3))
+    assert torch.isfinite(g_feat).all()
+    assert (g_feat[:, :, 9:, :] == 0).all() and (g_feat[:, :, :, 12:] == 0).all()
+    assert g_feat[:, :, :9, :12].abs().sum() > 0
+
+
+def test_invalid_labels_are_rejected_on_cpu(impl, gen):
+    feat, labels, a_pos, a_neg = make_case((2, 3, 8, 8, 2), "blobs", gen)
+    for bad in (3, 255):
+        labels_bad = labels.clone()
+        labels_bad[1, 5] = bad
+        with pytest.raises(ValueError, match=r"labels must be 0 \(authentic\), 1 \(tampered\) or 2"):
+            functional.ncl_terms(feat, labels_bad, a_pos, a_neg, 2, impl=impl)
+
+
+@pytest.mark.parametrize("bad", [3, 7, 255])
+def test_patch_lists_put_invalid_labels_last(bad, gen):
+    # A caller's label outside {0, 1, 2} (on a GPU the API does not read values) is in
+    # no set; the list stays a whole permutation, with such patches after the contour ones.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import patch_labels as kl
+
+    labels = torch.randint(0, 3, (2, 300), generator=gen, dtype=torch.uint8)
+    labels[0, torch.randperm(300, generator=gen)[:40]] = bad
+    counts, perm = kl.patch_lists_fwd(labels)
+    for b in range(2):
+        want = [int((labels[b] == v).sum()) for v in (1, 0, 2)]
+        assert counts[b].tolist() == want
+        assert sorted(perm[b].tolist()) == list(range(300))  # every slot written once
+        n = sum(want)
+        lab_in_order = labels[b, perm[b].long()]
+        assert lab_in_order[: want[0]].eq(1).all() and lab_in_order[want[0]: want[0] + want[1]].eq(0).all()
+        assert lab_in_order[want[0] + want[1]: n].eq(2).all() and (lab_in_order[n:] > 2).all()
+
+
+def test_wide_integer_labels_are_not_wrapped(gen):
+    # int64 256 must not become 0 (authentic) on the way to uint8
+    from ncl_fast import _triton_ops
+
+    labels = torch.tensor([[0, 1, 2, 256, -1, 3, 258]])
+    assert _triton_ops._as_label_codes(labels).tolist() == [[0, 1, 2, 3, 3, 3, 3]]
+
+
+def test_every_covered_cell_is_written(impl, gen, monkeypatch):
+    # L = 100 patches, only 13 of them tampered or authentic: whole tiles of contour
+    # patches (beyond the 64 of one backward tile) must be written with zeros too. The
+    # gradient buffer starts as NaN, so a cell nobody wrote shows.
+    if impl == "triton":
+        real_empty_like = torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    shape = (2, 2, 20, 20, 2)
+    feat, _, a_pos, a_neg = make_case(shape, "blobs", gen)
+    pattern = torch.tensor([1] * 3 + [0] * 10 + [2] * 87, dtype=torch.uint8)
+    labels = torch.stack([pattern[torch.randperm(100, generator=gen)] for _ in range(2)])
+    _, (g_feat, _, _) = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, 0.1, torch.ones(2, 3))
+    assert torch.isfinite(g_feat).all()
+    flags = (labels == 2).float()[:, None, :].expand(2, 2 * 2 * 2, 100)
+    cells = torch.nn.functional.fold(flags, output_size=(20, 20), kernel_size=2, stride=2).expand_as(g_feat) > 0
+    assert (g_feat[cells] == 0).all() and (g_feat[~cells] != 0).any()

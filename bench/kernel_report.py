@@ -1,0 +1,283 @@
+"""Compile every GPU kernel of the project ahead of time, with no GPU, and report
+what the compiler made of it: registers, spills, shared memory, stack frame, and
+which matrix instructions the machine code uses (HGMMA = Hopper's wgmma, HMMA =
+mma.sync, none = FFMA only).
+
+* Triton kernels: the launchers of `ncl_fast.kernels` are run on CPU tensors of
+  the exact shapes, dtypes and layouts a training step passes (the paper's stage
+  1 and 2, fp32/bf16/fp16, contiguous and channels_last), with every kernel
+  launch recorded instead of executed. Each recorded launch goes through
+  Triton's own binder (so integer arguments equal to 1 and pointer alignment are
+  specialized exactly as at run time), then `triton.compile` for the target
+  (`GPUTarget("cuda", 90, 32)` and `("cuda", 80, 32)`). The PTX is assembled
+  again with `ptxas -v` (`--gpu-name=sm_90a` for Hopper: Triton's PTX targets it)
+  for the resource report, and the cubin is disassembled with the `cuobjdump`
+  that Triton ships.
+* The extension's CUDA kernels: `nvcc -Xptxas -v` for sm_80 and sm_90.
+
+Run: python bench/kernel_report.py [--arch 90,80] [--no-cuda-ext] [--json out.json]
+Exit status 1 if a kernel fails to compile or a default variant spills.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TRITON_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def tool(name: str) -> str:
+    path = os.path.join(TRITON_BIN, name)
+    if os.path.exists(path):
+        return path
+    found = shutil.which(name) or (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name))
+    return found
+
+
+# ---- recording launches ------------------------------------------------------------------
+
+
+class Recorder:
+    """Replaces `kernel[grid](...)` of every JIT function in the given modules with a recorder."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.launches: list[tuple[triton.runtime.jit.JITFunction, tuple, tuple, dict]] = []
+
+    @contextlib.contextmanager
+    def active(self):
+        kernels = {
+            id(obj): obj
+            for mod in self.modules
+            for obj in vars(mod).values()
+            if isinstance(obj, triton.runtime.jit.JITFunction)
+        }
+        cls = triton.runtime.jit.JITFunction
+        original = cls.__getitem__
+        recorder = self
+
+        def getitem(kernel, grid):
+            if id(kernel) not in kernels:
+                return original(kernel, grid)
+
+            def launch(*args, **kwargs):
+                recorder.launches.append((kernel, tuple(grid), args, kwargs))
+
+            return launch
+
+        cls.__getitem__ = getitem
+        try:
+            yield self
+        finally:
+            cls.__getitem__ = original
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """`triton.compile` of one recorded launch, specialized by Triton's own binder."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kw = dict(kwargs)
+    kw.setdefault("debug", False)
+    bound_args, specialization, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound_args, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+# ---- reading the machine code ------------------------------------------------------------
+
+PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "smem_static": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        open(src, "w").write(ptx)
+        proc = subprocess.run([tool("ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    out = {}
+    for key, rx in PTXAS_RE.items():
+        m = rx.search(text)
+        out[key] = int(m.group(1)) if m else 0
+    return out
+
+
+def sass_mma(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        open(path, "wb").write(cubin)
+        proc = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
+    sass = proc.stdout
+    return {
+        "HGMMA": len(re.findall(r"\bHGMMA\b", sass)),
+        "HMMA": len(re.findall(r"\bHMMA\b", sass)),
+        "FFMA": len(re.findall(r"\bFFMA\b", sass)),
+        "LDL/STL": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+    }
+
+
+# ---- the launches of a training step -----------------------------------------------------
+
+STAGES = {"stage 1": (64, 256, 8), "stage 2": (256, 128, 4)}
+
+
+def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4) -> list:
+    """Every Triton launch of one NCL forward + backward at the paper's shapes."""
+    from ncl_fast.kernels import ncl_terms as kn
+    from ncl_fast.kernels import patch_labels as kl
+
+    C, h, p = STAGES[stage]
+    L = (h // p) ** 2
+    D = C * p * p
+    mask = torch.zeros(B, 1, 512, 512)
+    feat = torch.zeros(B, C, h, h, dtype=dtype)
+    if layout == "channels_last":
+        feat = feat.to(memory_format=torch.channels_last)
+    a_pos = torch.zeros(B, D, dtype=dtype)
+    a_neg = torch.zeros(B, D, dtype=dtype)
+    labels = torch.zeros(B, L, dtype=torch.uint8)
+    counts = torch.zeros(B, 3, dtype=torch.int32)
+    perm = torch.zeros(B, L, dtype=torch.int32)
+    rec = Recorder([kn, kl])
+    with rec.active():
+        kl.patch_labels_fwd(mask, (p * 512 // h, p * 512 // h), (h // p, h // p), 0.0)
+        kl.patch_lists_fwd(labels)
+        out = kn.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, h // p), 0.1)
+        kn.ncl_terms_bwd(torch.ones(B, 3), feat, a_pos, a_neg, counts, perm, out[1:], p, (h // p, h // p), 0.1)
+    return rec.launches
+
+
+def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
+                dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> tuple[list[list], list[str]]:
+    rows, problems, seen = [], [], {}
+    for stage in stages:
+        for dtype in dtypes:
+            for layout in ("contiguous", "channels_last"):
+                for kernel, grid, args, kwargs in record_ncl_launches(stage, dtype, layout):
+                    if only and not any(name in kernel.__name__ for name in only.split(",")):
+                        continue
+                    for arch in archs:
+                        variant = f"{stage}, {str(dtype)[6:]}, {layout}"
+                        try:
+                            ck = compile_launch(kernel, args, kwargs, arch)
+                        except Exception as err:  # report every failure, then fail
+                            problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: {type(err).__name__}: {err}")
+                            rows.append([kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", ""])
+                            continue
+                        key = (kernel.__name__, arch, ck.hash)
+                        if key not in seen:
+                            seen[key] = (ptxas_report(ck.asm["ptx"], arch), sass_mma(ck.asm["cubin"]))
+                        rep, mma = seen[key]
+                        spills = rep["spill_stores"] + rep["spill_loads"]
+                        if spills:
+                            problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: spills {spills} B")
+                        md = ck.metadata
+                        matrix = ("wgmma" if mma["HGMMA"] else "mma.sync" if mma["HMMA"] else "-")
+                        rows.append([
+                            kernel.__name__, variant, f"sm_{arch}", rep["registers"],
+                            f"{rep['spill_stores']}/{rep['spill_loads']}", rep["stack"],
+                            f"{md.shared / 1024:.1f}", f"{md.num_warps}w x{md.num_stages}",
+                            f"{matrix} ({mma['HGMMA']} HGMMA, {mma['HMMA']} HMMA, {mma['FFMA']} FFMA)",
+                        ])
+    return rows, problems
+
+
+def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
+    """`nvcc -Xptxas -v` over the extension's CUDA source."""
+    from torch.utils import cpp_extension
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, "csrc", "cuda", "pc_bce_cuda.cu")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return [], [f"nvcc not found at {nvcc}: the extension's kernels were not compiled"]
+    includes = sum((["-I", p] for p in cpp_extension.include_paths(device_type="cuda")), [])
+    rows, problems = [], []
+    for arch in archs:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                   "-Xptxas", "-v", "-std=c++17", "-DNCL_FAST_WITH_CUDA", *includes,
+                   f"-I{os.path.join(root, 'csrc')}", "--expt-relaxed-constexpr"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            problems.append(f"nvcc sm_{arch}: {(proc.stdout + proc.stderr)[-1500:]}")
+            continue
+        current = None
+        for line in (proc.stdout + proc.stderr).splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = re.sub(r"^_Z\d+", "", m.group(1))[:60]
+            m = re.search(r"Used (\d+) registers", line)
+            if m and current:
+                smem = re.search(r"(\d+) bytes smem", line)
+                rows.append([current, f"sm_{arch}", int(m.group(1)), smem.group(1) if smem else "0"])
+            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m and current and (int(m.group(2)) or int(m.group(3))):
+                problems.append(f"{current} sm_{arch}: spills {m.group(2)}/{m.group(3)} B")
+    return rows, problems
+
+
+def main() -> None:
+    from _harness import table
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="90,80")
+    ap.add_argument("--no-cuda-ext", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--kernels", default="", help="only kernels whose names contain one of these (comma-separated)")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    args = ap.parse_args()
+    archs = [int(a) for a in args.arch.split(",")]
+    print(f"Triton {triton.__version__}, torch {torch.__version__}; ptxas and cuobjdump from {TRITON_BIN}\n")
+    rows, problems = triton_rows(archs, args.kernels, args.stages.split(","),
+                                 [getattr(torch, d) for d in args.dtypes.split(",")])
+    print(table(["kernel", "variant", "arch", "registers", "spill st/ld B", "stack B", "smem KiB", "warps x stages",
+                 "matrix instructions"], rows))
+    ext_rows = []
+    if not args.no_cuda_ext:
+        ext_rows, ext_problems = cuda_ext_rows(archs)
+        problems += ext_problems
+        print()
+        print(table(["CUDA kernel (extension)", "arch", "registers", "smem B"], ext_rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": rows, "cuda": ext_rows, "problems": problems}, f, indent=1)
+    if problems:
+        print("\nproblems:\n" + "\n".join(f"* {p}" for p in problems))
+        sys.exit(1)
+    print("\nevery kernel compiled; no spills")
+
+
+if __name__ == "__main__":
+    main()
