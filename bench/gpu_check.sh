@@ -6,7 +6,7 @@
 #   bench/gpu_check.sh                 # every part
 #   bench/gpu_check.sh build parity ncl   # some parts (build is always first)
 #
-# Parts, in order: build parity sanitize ncl pc step step_compiled train.
+# Parts, in order: build parity sanitize ncl pc step train step_compiled.
 # The machine has no internet: it builds against its own torch and installs nothing else.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/ncl_fast_gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-parts=${*:-"build parity sanitize ncl pc step step_compiled train"}
+parts=${*:-"build parity sanitize ncl pc step train step_compiled"}
 want() { [[ " $parts " == *" $1 "* ]]; }
 status=0
 t0=$(date +%s)
@@ -44,13 +44,13 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton.__v
 PY
 stamp "build end"
 
-run_part parity 120 $py -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
-run_part sanitize 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+run_part parity 150 $py -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
+run_part sanitize 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $py bench/sanitize_check.py
-run_part ncl 150 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}
-run_part pc 80 $py bench/bench_pc_loss.py
-run_part step 150 $py bench/bench_train_step.py --no-compile --no-train --profile
-run_part step_compiled 300 $py bench/bench_train_step.py --precisions bf16 --configs "base,NCL fused" --no-train
+run_part ncl 200 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}
+run_part pc 90 $py bench/bench_pc_loss.py ${PC_BENCH_ARGS:-}
+run_part step 120 $py bench/bench_train_step.py --no-compile --no-train --profile ${STEP_ARGS:-}
 run_part train 120 $py bench/bench_train_step.py --no-steps --train-modes eager
+run_part step_compiled 300 $py bench/bench_train_step.py --precisions bf16 --configs "base,NCL fused" --no-train
 stamp "done, status $status"
 exit $status

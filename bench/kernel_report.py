@@ -218,7 +218,7 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = os.path.join(root, "csrc", "cuda", "pc_bce_cuda.cu")
-    nvcc = os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
+    nvcc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "bin", "nvcc")
     if not os.path.exists(nvcc):
         return [], [f"nvcc not found at {nvcc}: the extension's kernels were not compiled"]
     includes = sum((["-I", p] for p in cpp_extension.include_paths(device_type="cuda")), [])
@@ -226,7 +226,7 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                   "-Xptxas", "-v", "-std=c++17", "-DNCL_FAST_WITH_CUDA", *includes,
+                   "-Xptxas", "-v", "-std=c++20", "-DNCL_FAST_WITH_CUDA", *includes,
                    f"-I{os.path.join(root, 'csrc')}", "--expt-relaxed-constexpr"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
@@ -270,6 +270,17 @@ def main() -> None:
         problems += ext_problems
         print()
         print(table(["CUDA kernel (extension)", "arch", "registers", "smem B"], ext_rows))
+    import work_model
+
+    from ncl_fast.kernels import ncl_terms as kn
+
+    for dname, esize in (("bf16", 2), ("fp32", 4)):
+        for c in ((93, 877, 54), (300, 650, 74)):
+            stored_all = 4 * c[0] * (c[0] + c[1]) <= int(kn.SIM_BUDGET * 4 * 64 * 256 * 256 * esize) // 4
+            print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
+                  f"[|P|, |N|, |K|] = {list(c)} per image"
+                  + ("" if stored_all else " (every block assumed stored; the default workspace holds fewer)"))
+            print(work_model.report([c] * 4, 1024, 4096, esize, fp32=esize == 4))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": rows, "cuda": ext_rows, "problems": problems}, f, indent=1)

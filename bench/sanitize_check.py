@@ -27,27 +27,34 @@ def ellipse_masks(B: int, H: int, W: int, seed: int) -> torch.Tensor:
 
 
 def main() -> None:
+    from ncl_fast.kernels import ncl_terms as k
+
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
+    default_budget = k.SIM_BUDGET
     # (B, C, h, w, p, stride): odd sizes leave uncovered cells; stage-1-like and stage-2-like
     for B, C, h, w, p, s in ((3, 8, 36, 28, 4, 2), (2, 16, 16, 24, 2, 4)):
         mask = ellipse_masks(B, h * s, w * s, seed=B)
         labels = functional.patch_labels(mask, (h, w), p, impl="triton")
         assert torch.equal(labels, functional.patch_labels(mask, (h, w), p, impl="reference"))
         D = C * p * p
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for layout in ("contiguous", "channels_last"):
-                feat = torch.randn(B, C, h, w, device=dev, generator=g).to(dtype)
-                if layout == "channels_last":
-                    feat = feat.to(memory_format=torch.channels_last)
-                feat.requires_grad_()
-                ap = torch.randn(B, D, device=dev, generator=g).to(dtype).requires_grad_()
-                an = torch.randn(B, D, device=dev, generator=g).to(dtype).requires_grad_()
-                terms = functional.ncl_terms(feat, labels, ap, an, p, 0.1, impl="triton")
-                terms.sum().backward()
-                torch.cuda.synchronize()
-                print(f"ncl_terms B={B} C={C} {h}x{w} p={p} {dtype} {layout}: terms {terms.sum().item():.4f}",
-                      flush=True)
+        for dtype, layout, path in [(d, lay, "stored") for d in (torch.float32, torch.bfloat16, torch.float16)
+                                    for lay in ("contiguous", "channels_last")] + [
+                (torch.float32, "contiguous", "bounded"), (torch.bfloat16, "channels_last", "bounded")]:
+            # stored: a workspace every block fits in; bounded: none
+            k.SIM_BUDGET = 64.0 if path == "stored" else 0.0
+            feat = torch.randn(B, C, h, w, device=dev, generator=g).to(dtype)
+            if layout == "channels_last":
+                feat = feat.to(memory_format=torch.channels_last)
+            feat.requires_grad_()
+            ap = torch.randn(B, D, device=dev, generator=g).to(dtype).requires_grad_()
+            an = torch.randn(B, D, device=dev, generator=g).to(dtype).requires_grad_()
+            terms = functional.ncl_terms(feat, labels, ap, an, p, 0.1, impl="triton")
+            terms.sum().backward()
+            torch.cuda.synchronize()
+            print(f"ncl_terms B={B} C={C} {h}x{w} p={p} {dtype} {layout} {path}: terms {terms.sum().item():.4f}",
+                  flush=True)
+    k.SIM_BUDGET = default_budget
     mask = ellipse_masks(2, 96, 80, seed=7)
     for dtype in (torch.float32, torch.bfloat16):
         preds = [torch.randn(2, 1, 96 // k, 80 // k, device=dev, generator=g).to(dtype).requires_grad_()

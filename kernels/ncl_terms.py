@@ -99,15 +99,15 @@ GRAD_BY = 16
 GRAD_BD = 128
 GRAD_WARPS = 8
 GRAD_STAGES = 2
+GRAD_STAGES_F32 = 1  # fp32 tiles: one stage in flight keeps sm_80 (mma.sync, tf32x3) spill-free
 
 # ---- bounded path (and the per-patch statistics) -----------------------------------------
 # 32 x 32 similarity tiles, BLOCK_K = 64 elements per load; the backward holds a
 # 32 x 256 fp32 accumulator (8 warps) and recomputes its tiles per chunk of D.
 BLOCK_M = 32
 BLOCK_N = 32
-BLOCK_K = 64  # half inputs; 32 for fp32 (128 B of a patch row either way)
-BLOCK_K_F32 = 32
-BLOCK_K_F32_BWD = 16  # the backward holds more live tiles: 16 fp32 values per step keep it spill-free
+BLOCK_K = 64  # half inputs
+BLOCK_K_F32_BOUNDED = 16  # fp32 tiles of the bounded kernels (tf32x3 splits each operand): spill-free
 BLOCK_D = 128
 NUM_WARPS = 4
 NUM_WARPS_BWD = 8
@@ -868,7 +868,7 @@ def ncl_terms_fwd(
         _ncl_pair_fwd_kernel[(n_blocks_b, B)](
             feat, perm, counts, nrm, plan, lse, w, part_b,
             *fs, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32 if up else BLOCK_K, CHANNELS_LAST=cl,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, CHANNELS_LAST=cl,
             UPCAST=up, PRECISION=precision, num_warps=NUM_WARPS,
         )
         # one program per (image, anchor) walks at most L similarities in blocks of 256
@@ -923,14 +923,16 @@ def ncl_terms_bwd(
             feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
             BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
-            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS,
+            num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES,
         )
         n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, BLOCK_D)
         _ncl_pair_bwd_kernel[(_grid_check(n_tx * n_td, "the bounded backward"), B)](
             feat, grad_feat, anchor_pos, anchor_neg, *common,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
-            BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BWD if up else BLOCK_K, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl,
+            BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl,
             UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", num_warps=NUM_WARPS_BWD,
+            num_stages=2 if up else 3,
         )
         _ncl_anchor_bwd_kernel[(B, 2, triton.cdiv(D, BLOCK_D))](
             feat, anchor_pos, anchor_neg, grad_pos, grad_neg,
