@@ -41,8 +41,8 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
     t1 = [p >= 2 and n >= 1 for p, n, _ in counts]
     out = []
     # forward
-    stats_working = sum(max(1, cdiv(p + n, k.BLOCK_M)) for p, n, _ in counts)
-    out.append(Launch("_ncl_stats_fwd_kernel", B * cdiv(L, k.BLOCK_M), stats_working, 0,
+    stats_working = sum(max(1, cdiv(p + n, k.STATS_BX)) for p, n, _ in counts)
+    out.append(Launch("_ncl_stats_fwd_kernel", B * cdiv(L, k.STATS_BX), stats_working, 0,
                       sum((p + n) * D * esize for p, n, _ in counts) + stats_working * 2 * D * esize))
     sim_progs = B * cdiv(L, k.SIM_BM) * cdiv(L, k.SIM_BN)
     sim_working = sum(cdiv(p, k.SIM_BM) * cdiv(p + n, k.SIM_BN)
@@ -108,8 +108,13 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
     out.append(Launch("_ncl_pair_bwd_kernel", B * cdiv(L, k.BLOCK_M) * nb_td, pb_working, pb_macs, pb_bytes,
                       pb_dot))
     ab_td = cdiv(D, k.BLOCK_D)
-    out.append(Launch("_ncl_anchor_bwd_kernel", B * 2 * ab_td, B * 2 * ab_td, 0,
-                      2 * sum((p + n) * D * esize for p, n, _ in counts)))
+    per_split = cdiv(cdiv(L, k.ANCHOR_SPLITS), k.BLOCK_M) * k.BLOCK_M
+    ab_working = sum(ab_td * min(k.ANCHOR_SPLITS, cdiv(p + n, per_split)) for p, n, c in counts if p and n and c)
+    out.append(Launch("_ncl_anchor_bwd_kernel", B * ab_td * k.ANCHOR_SPLITS, ab_working, 0,
+                      sum((p + n) * D * esize for p, n, c in counts if p and n and c)
+                      + B * k.ANCHOR_SPLITS * 2 * D * 4))
+    out.append(Launch("_ncl_anchor_grad_kernel", B * cdiv(D, 1024), B * cdiv(D, 1024), 0,
+                      B * k.ANCHOR_SPLITS * 2 * D * 4 + 4 * B * D * esize))
     return out
 
 

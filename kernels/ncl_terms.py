@@ -111,6 +111,12 @@ BLOCK_K_F32_BOUNDED = 16  # fp32 tiles of the bounded kernels (tf32x3 splits eac
 BLOCK_D = 128
 NUM_WARPS = 4
 NUM_WARPS_BWD = 8
+# Per-patch statistics: 8 patches x 256 values of D per step, so that ~4 programs
+# per SM keep enough loads in flight (one pass over the used patches).
+STATS_BX = 8
+STATS_BK = 256
+# Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program).
+ANCHOR_SPLITS = 4
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "tf32x3")
@@ -711,61 +717,107 @@ def _ncl_pair_bwd_kernel(
 
 @triton.jit
 def _ncl_anchor_bwd_kernel(
-    feat_ptr, apos_ptr, aneg_ptr,
-    gpos_ptr, gneg_ptr,  # (B, D) contiguous out: gradients of a+, a-
-    perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr,
+    feat_ptr,
+    part_ptr,  # (B, RS, 2, D) fp32 out: sum over the split's patches of c_x hat f_x, per anchor
+    dots_ptr,  # (B, RS, 2) fp32 out: sum over the split's patches of c_x s(a, x), per anchor
+    perm_ptr, counts_ptr, nrm_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr,
     stride_fb, stride_fc, stride_fy, stride_fx,
-    stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_, D, inv_tau, eps,
-    BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    L, Q, C, P_, D, n_td, rows_per_split, eps,
+    RS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    which = tl.program_id(1)
-    pid_d = tl.program_id(2)
+    """Both anchors' gradients, first half: one chunk of D and one split of the patch
+    list per program (every feature read once for both anchors)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_d = pid % n_td
+    rs = pid // n_td
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_k = tl.load(counts_ptr + b * 3 + 2)
     t23_ok = (n_p >= 1) & (n_n >= 1) & (n_k >= 1)
-    k = tl.load(gout_ptr + b * 3 + 1 + which) / tl.maximum(tl.where(which == 0, n_p, n_n).to(tl.float32), 1.0)
-    lse = tl.load(lsea_ptr + b * 2 + which)
-    w = tl.load(wa_ptr + b * 2 + which)
+    k2 = tl.load(gout_ptr + b * 3 + 1) / tl.maximum(n_p.to(tl.float32), 1.0)
+    k3 = tl.load(gout_ptr + b * 3 + 2) / tl.maximum(n_n.to(tl.float32), 1.0)
+    lse_p = tl.load(lsea_ptr + b * 2)
+    lse_n = tl.load(lsea_ptr + b * 2 + 1)
+    w_p = tl.load(wa_ptr + b * 2)
+    w_n = tl.load(wa_ptr + b * 2 + 1)
     feat_b = feat_ptr + b * stride_fb
     perm_b = perm_ptr + b * L
     kd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     kdmask = kd < D
     d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dot = tl.zeros([BLOCK_X], dtype=tl.float32)
+    acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dot_p = tl.zeros([BLOCK_X], dtype=tl.float32)
+    dot_n = tl.zeros([BLOCK_X], dtype=tl.float32)
     n_used = tl.where(t23_ok, n_p + n_n, 0)
-    for x0 in range(0, n_used, BLOCK_X):
+    lo = rs * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, n_used)
+    for x0 in range(lo, hi, BLOCK_X):
         rows = x0 + tl.arange(0, BLOCK_X)
-        xmask = rows < n_used
+        xmask = rows < hi
         x_is_p = rows < n_p
-        s = tl.load(sa_ptr + b * 2 * L + which * L + rows, mask=xmask, other=0.0)
-        c_p = _anchor_coef(x_is_p, s, lse, w, k, True)
-        c_n = _anchor_coef(x_is_p, s, lse, w, k, False)
-        c = tl.where(xmask, tl.where(which == 0, c_p, c_n), 0.0)
+        s_p = tl.load(sa_ptr + b * 2 * L + rows, mask=xmask, other=0.0)
+        s_n = tl.load(sa_ptr + b * 2 * L + L + rows, mask=xmask, other=0.0)
+        c_p = tl.where(xmask, _anchor_coef(x_is_p, s_p, lse_p, w_p, k2, True), 0.0)
+        c_n = tl.where(xmask, _anchor_coef(x_is_p, s_n, lse_n, w_n, k3, False), 0.0)
         rn_x = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=xmask, other=1.0), eps)
         poff = _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)
         f = tl.load(feat_b + poff[:, None] + d_off[None, :], mask=xmask[:, None] & kdmask[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum((c * rn_x)[:, None] * f, axis=0)
-        dot += c * s
-    # through the anchor's normalization
-    if which == 0:
-        a = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kdmask, other=0.0).to(tl.float32)
-    else:
-        a = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kdmask, other=0.0).to(tl.float32)
-    nrm_a = tl.load(nrma_ptr + b * 2 + which)
-    rn_a = 1.0 / tl.maximum(nrm_a, eps)
-    radial = tl.where(nrm_a >= eps, tl.sum(dot, axis=0), 0.0)
-    grad = rn_a * (acc * inv_tau - a * rn_a * radial)
-    if which == 0:
-        tl.store(gpos_ptr + b * D + canon, grad, mask=kdmask)
-    else:
-        tl.store(gneg_ptr + b * D + canon, grad, mask=kdmask)
+        acc_p += tl.sum((c_p * rn_x)[:, None] * f, axis=0)
+        acc_n += tl.sum((c_n * rn_x)[:, None] * f, axis=0)
+        dot_p += c_p * s_p
+        dot_n += c_n * s_n
+    out = part_ptr + ((b * RS + rs) * 2) * D
+    tl.store(out + canon, acc_p, mask=kdmask)
+    tl.store(out + D + canon, acc_n, mask=kdmask)
+    if pid_d == 0:
+        tl.store(dots_ptr + (b * RS + rs) * 2, tl.sum(dot_p, axis=0))
+        tl.store(dots_ptr + (b * RS + rs) * 2 + 1, tl.sum(dot_n, axis=0))
 
 
+@triton.jit
+def _ncl_anchor_grad_kernel(
+    part_ptr, dots_ptr, apos_ptr, aneg_ptr, nrma_ptr,
+    gpos_ptr, gneg_ptr,  # (B, D) contiguous out: gradients of a+, a-
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    D, inv_tau, eps,
+    RS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Both anchors' gradients, second half: the splits' sums in a fixed order, then
+    through each anchor's normalization."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    kd = pid * BLOCK + tl.arange(0, BLOCK)
+    kdmask = kd < D
+    acc_p = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_p = 0.0
+    dot_n = 0.0
+    for rs in range(RS):
+        base = part_ptr + ((b * RS + rs) * 2) * D
+        acc_p += tl.load(base + kd, mask=kdmask, other=0.0)
+        acc_n += tl.load(base + D + kd, mask=kdmask, other=0.0)
+        dot_p += tl.load(dots_ptr + (b * RS + rs) * 2)
+        dot_n += tl.load(dots_ptr + (b * RS + rs) * 2 + 1)
+    for which in tl.static_range(2):
+        if which == 0:
+            a = tl.load(apos_ptr + b * stride_ab + kd * stride_ad, mask=kdmask, other=0.0).to(tl.float32)
+            acc = acc_p
+            dot = dot_p
+        else:
+            a = tl.load(aneg_ptr + b * stride_nb + kd * stride_nd, mask=kdmask, other=0.0).to(tl.float32)
+            acc = acc_n
+            dot = dot_n
+        nrm_a = tl.load(nrma_ptr + b * 2 + which)
+        rn_a = 1.0 / tl.maximum(nrm_a, eps)
+        radial = tl.where(nrm_a >= eps, dot, 0.0)
+        grad = rn_a * (acc * inv_tau - a * rn_a * radial)
+        if which == 0:
+            tl.store(gpos_ptr + b * D + kd, grad, mask=kdmask)
+        else:
+            tl.store(gneg_ptr + b * D + kd, grad, mask=kdmask)
 
 
 # ---- launchers ---------------------------------------------------------------------------
@@ -852,11 +904,11 @@ def ncl_terms_fwd(
     up = _upcast(feat)
     inv_tau = 1.0 / tau
     with _device_guard(feat):
-        _ncl_stats_fwd_kernel[(triton.cdiv(L, BLOCK_M), B)](
+        _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
             feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, nrma, plan,
             *fs, anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1),
             L, Q, C, patch, D, inv_tau, EPS, budget,
-            BLOCK_X=BLOCK_M, BLOCK_K=BLOCK_K, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+            BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
         )
         _ncl_sim_kernel[(n_tm * n_tn if budget > 0 else 1, B)](
             feat, perm, counts, nrm, plan, ws,
@@ -934,10 +986,17 @@ def ncl_terms_bwd(
             UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", num_warps=NUM_WARPS_BWD,
             num_stages=2 if up else 3,
         )
-        _ncl_anchor_bwd_kernel[(B, 2, triton.cdiv(D, BLOCK_D))](
-            feat, anchor_pos, anchor_neg, grad_pos, grad_neg,
-            perm, counts, nrm, nrma, sa, lsea, wa, gout,
-            *fs, *as_, L, Q, C, patch, D, inv_tau, EPS,
-            BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+        n_td = triton.cdiv(D, BLOCK_D)
+        rows_per_split = triton.cdiv(triton.cdiv(L, ANCHOR_SPLITS), BLOCK_M) * BLOCK_M
+        part = torch.empty(B, ANCHOR_SPLITS, 2, D, dtype=torch.float32, device=feat.device)
+        dots = torch.empty(B, ANCHOR_SPLITS, 2, dtype=torch.float32, device=feat.device)
+        _ncl_anchor_bwd_kernel[(_grid_check(n_td * ANCHOR_SPLITS, "the anchors' backward"), B)](
+            feat, part, dots, perm, counts, nrm, sa, lsea, wa, gout,
+            *fs, L, Q, C, patch, D, n_td, rows_per_split, EPS,
+            RS=ANCHOR_SPLITS, BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+        )
+        _ncl_anchor_grad_kernel[(triton.cdiv(D, 1024), B)](
+            part, dots, anchor_pos, anchor_neg, nrma, grad_pos, grad_neg,
+            *as_, D, inv_tau, EPS, RS=ANCHOR_SPLITS, BLOCK=1024, num_warps=NUM_WARPS,
         )
     return grad_feat, grad_pos, grad_neg
