@@ -564,13 +564,27 @@ def _ncl_pair_fwd_kernel(
 @triton.jit
 def _ncl_anchor_fwd_kernel(
     sa_ptr, counts_ptr,
-    t23_ptr,  # (B, 2) fp32 out: t2, t3
+    terms_ptr,  # (B, 3) fp32 out: t1, t2, t3
     lsea_ptr, wa_ptr,  # (B, 2) fp32 out: lam+-, W+- (0 where undefined)
-    L,
+    part_s_ptr, part_b_ptr,  # (B, n_s), (B, n_b) fp32: the row blocks' sums of t1 (both paths)
+    L, n_s, n_b,
     BLOCK: tl.constexpr,
 ):
+    """t2 (program 0 of an image) and t3 (program 1); program 0 also closes t1 from the
+    row blocks' sums, in a fixed order."""
     b = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)  # 0: a+ (positives P, negatives N); 1: a- (positives N, negatives P)
+    if which == 0:
+        t1 = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, n_s, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            t1 += tl.load(part_s_ptr + b * n_s + offs, mask=offs < n_s, other=0.0)
+        for i0 in range(0, n_b, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            t1 += tl.load(part_b_ptr + b * n_b + offs, mask=offs < n_b, other=0.0)
+        n_pf = tl.load(counts_ptr + b * 3).to(tl.float32)
+        # every part of an image whose t1 is undefined is 0
+        tl.store(terms_ptr + b * 3, tl.sum(t1, axis=0) / tl.maximum(n_pf * (n_pf - 1.0), 1.0))
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_k = tl.load(counts_ptr + b * 3 + 2)
@@ -604,7 +618,7 @@ def _ncl_anchor_fwd_kernel(
         term += tl.where(m, _softplus(z), 0.0)
         wsum += tl.where(m, _sigmoid(z), 0.0)
     n_pos = tl.maximum(pos_hi - pos_lo, 1).to(tl.float32)
-    tl.store(t23_ptr + b * 2 + which, tl.where(ok, tl.sum(term, axis=0) / n_pos, 0.0))
+    tl.store(terms_ptr + b * 3 + 1 + which, tl.where(ok, tl.sum(term, axis=0) / n_pos, 0.0))
     tl.store(lsea_ptr + b * 2 + which, lse)
     tl.store(wa_ptr + b * 2 + which, tl.where(ok, tl.sum(wsum, axis=0), 0.0))
 
@@ -881,14 +895,16 @@ def ncl_terms_fwd(
     dev = feat.device
     f32 = dict(dtype=torch.float32, device=dev)
     precision = fp32_precision()
-    nrm = torch.zeros(B, L, **f32)
-    nrma = torch.zeros(B, 2, **f32)
-    sa = torch.zeros(B, 2, L, **f32)
-    lse = torch.zeros(B, L, **f32)
-    w = torch.zeros(B, L, **f32)
-    lsea = torch.zeros(B, 2, **f32)
-    wa = torch.zeros(B, 2, **f32)
-    t23 = torch.zeros(B, 2, **f32)
+    # No zero fills: each kernel writes what the next one reads (entries past an
+    # image's counts, and lam/W of images without t1, are never read).
+    nrm = torch.empty(B, L, **f32)
+    nrma = torch.empty(B, 2, **f32)
+    sa = torch.empty(B, 2, L, **f32)
+    lse = torch.empty(B, L, **f32)
+    w = torch.empty(B, L, **f32)
+    lsea = torch.empty(B, 2, **f32)
+    wa = torch.empty(B, 2, **f32)
+    terms = torch.empty(B, 3, **f32)
     plan = torch.empty(B, 2, dtype=torch.int64, device=dev)
     budget = workspace_elems(feat)
     n_tm, n_tn = triton.cdiv(L, SIM_BM), triton.cdiv(L, SIM_BN)
@@ -924,11 +940,8 @@ def ncl_terms_fwd(
             UPCAST=up, PRECISION=precision, num_warps=NUM_WARPS,
         )
         # one program per (image, anchor) walks at most L similarities in blocks of 256
-        _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, t23, lsea, wa, L, BLOCK=256)
-    n_p = counts[:, 0].to(torch.float32)
-    # every part of an image whose t1 is undefined is 0
-    t1 = (part_s.sum(dim=1) + part_b.sum(dim=1)) / (n_p * (n_p - 1)).clamp(min=1.0)
-    terms = torch.cat([t1[:, None], t23], dim=1)
+        _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, terms, lsea, wa, part_s, part_b, L, n_blocks_s, n_blocks_b,
+                                       BLOCK=256)
     return terms, nrm, nrma, sa, lse, w, lsea, wa, plan, ws
 
 

@@ -361,16 +361,28 @@ def test_wide_integer_labels_are_not_wrapped(gen):
 
 def test_every_covered_cell_is_written(impl, gen, monkeypatch):
     # L = 100 patches, only 13 of them tampered or authentic: whole tiles of contour
-    # patches (beyond the 64 of one backward tile) must be written with zeros too. The
-    # gradient buffer starts as NaN, so a cell nobody wrote shows.
+    # patches (beyond the 64 of one backward tile) must be written with zeros too. Every
+    # buffer the op allocates starts as NaN (or -1), so a value nobody wrote shows.
     if impl == "triton":
-        real_empty_like = torch.empty_like
-        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+        real_empty_like, real_empty = torch.empty_like, torch.empty
+
+        def poisoned(t):
+            return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(real_empty_like(*a, **kw)))
+        monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(real_empty(*a, **kw)))
     shape = (2, 2, 20, 20, 2)
     feat, _, a_pos, a_neg = make_case(shape, "blobs", gen)
     pattern = torch.tensor([1] * 3 + [0] * 10 + [2] * 87, dtype=torch.uint8)
     labels = torch.stack([pattern[torch.randperm(100, generator=gen)] for _ in range(2)])
-    _, (g_feat, _, _) = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, 0.1, torch.ones(2, 3))
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    terms, grads = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    monkeypatch.undo()
+    check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
+    if impl == "triton":
+        _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+        check_grads(grads, want, torch.float32)
+    g_feat = grads[0]
     assert torch.isfinite(g_feat).all()
     flags = (labels == 2).float()[:, None, :].expand(2, 2 * 2 * 2, 100)
     cells = torch.nn.functional.fold(flags, output_size=(20, 20), kernel_size=2, stride=2).expand_as(g_feat) > 0
