@@ -212,6 +212,17 @@ def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
     return rows, problems
 
 
+def demangle(name: str) -> str:
+    """`ncl_fast::(anonymous)::pc_loss_stats_kernel<float, bool>` from a mangled entry name."""
+    filt = shutil.which("cu++filt") or shutil.which("c++filt") or "c++filt"
+    try:
+        out = subprocess.run([filt, name], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return name
+    out = re.sub(r"\(anonymous namespace\)::", "", out or name)
+    return re.sub(r"\(.*\)$", "", out)[:70]
+
+
 def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
     """`nvcc -Xptxas -v` over the extension's CUDA source."""
     from torch.utils import cpp_extension
@@ -236,7 +247,7 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
         for line in (proc.stdout + proc.stderr).splitlines():
             m = re.search(r"Compiling entry function '(\w+)'", line)
             if m:
-                current = re.sub(r"^_Z\d+", "", m.group(1))[:60]
+                current = demangle(m.group(1))
             m = re.search(r"Used (\d+) registers", line)
             if m and current:
                 smem = re.search(r"(\d+) bytes smem", line)

@@ -111,10 +111,10 @@ BLOCK_K_F32_BOUNDED = 16  # fp32 tiles of the bounded kernels (tf32x3 splits eac
 BLOCK_D = 128
 NUM_WARPS = 4
 NUM_WARPS_BWD = 8
-# Per-patch statistics: 8 patches x 256 values of D per step, so that ~4 programs
+# Per-patch statistics: 8 patches x 512 values of D per step, so that ~4 programs
 # per SM keep enough loads in flight (one pass over the used patches).
 STATS_BX = 8
-STATS_BK = 256
+STATS_BK = 512
 # Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program).
 ANCHOR_SPLITS = 4
 
