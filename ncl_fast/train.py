@@ -241,240 +241,316 @@ def main(argv=None) -> int:
         distributed.teardown()
 
 
-def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
-    dev = ctx.device
-    out_dir = Path(args.output_dir)
-    log_dir = Path(args.log_dir or args.output_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_dir.mkdir(parents=True, exist_ok=True)
+def load_datasets(args: argparse.Namespace, ctx: distributed.Context):
+    """The training entries and the test sets {name: entries}; prints the dataset warnings."""
     if args.data_path is None:
         train_json, test_json = synthetic_split(ctx)
         args.data_path = train_json
         if args.test_data_path is None:
             args.test_data_path = test_json
-    try:
-        entries, report = load_entries(args.data_path)
-        test_sets = {n: load_entries(p)[0] for n, p in list_test_sets(args.test_data_path).items()} \
-            if args.test_data_path else {}
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    entries, report = load_entries(args.data_path)
+    test_sets = {n: load_entries(p)[0] for n, p in list_test_sets(args.test_data_path).items()} \
+        if args.test_data_path else {}
     if ctx.is_main:
         for w in report.warnings[:10]:
             print(f"warning: {w}", file=sys.stderr)
         if len(report.warnings) > 10:
             print(f"warning: ... {len(report.warnings) - 10} more (python -m ncl_fast.check_data)", file=sys.stderr)
+    return entries, test_sets
+
+
+class Trainer:
+    """One training run, in named pieces: `build_model`, `build_data`, `resume`,
+    `train_step`, `train_epoch`, `evaluate`, `save` and `run`, which strings them
+    together (IMDL-BenCo's `train_one_epoch` / `test_one_epoch` split)."""
+
+    def __init__(self, args: argparse.Namespace, ctx: distributed.Context, entries, test_sets: dict):
+        self.args, self.ctx, self.dev = args, ctx, ctx.device
+        self.out_dir = Path(args.output_dir)
+        self.log_dir = Path(args.log_dir or args.output_dir)
+        self.test_sets = test_sets
+        self.amp = args.amp if args.amp != "auto" else ("bf16" if self.dev.type == "cuda" else "off")
+        self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.rng_to_restore = None
+        self.writer = None
+        self.monitor = None
+        torch.manual_seed(args.seed)
+        self.build_model()
+        self.build_data(entries)
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def build_model(self) -> None:
+        args = self.args
+        loss_cfg = LossConfig(variant=args.variant, omega=args.omega, mu=args.mu, radius=args.edge_mask_width,
+                              patch_px=args.patch_px, tau=args.tau, tol=args.tol, impl=args.impl)
+        self.model_config = dict(backbone=args.backbone, pivot_stage=args.pivot_stage, variant=args.variant,
+                                 dropout=args.dropout, width=args.width, head_channels=args.head_channels)
+        model = NCLModel(args.backbone, args.pivot_stage, loss_cfg, dropout=args.dropout, width=args.width,
+                         head_channels=args.head_channels).to(self.dev)
+        if args.sync_bn and self.ctx.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        if args.optimizer == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay)
+        self.model, self.opt = model, opt
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+
+    def build_data(self, entries) -> None:
+        args = self.args
+        self.train_ds = ForgeryDataset(entries, args.image_size, args.train_mode, train=True,
+                                       invert_masks=args.invert_masks, seed=args.seed)
+        self.sampler = EpochSampler(len(self.train_ds), args.batch_size, self.ctx, args.seed)
+        self.steps_per_epoch = self.sampler.steps
+        self.total_steps = self.steps_per_epoch * args.epochs
+
+    def resume(self, path) -> None:
+        """Load model, optimizer, scaler and the position in the schedule from `path`."""
+        ckpt = load_checkpoint(path)
+        self.model.load_state_dict(strip_prefixes(ckpt["model"]))
+        if "optimizer" in ckpt:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1)
+        self.start_step = ckpt.get("next_step", 0)
+        self.global_step = ckpt.get("global_step", self.start_epoch * self.steps_per_epoch + self.start_step)
+        self.rng_to_restore = ckpt.get("rng")
+        if self.ctx.is_main:
+            print(f"resumed from {path}: epoch {self.start_epoch}, step {self.start_step} of {self.steps_per_epoch}")
+
+    def prepare(self) -> None:
+        """DDP, torch.compile, the loader, TensorBoard and the GPU monitor."""
+        args, ctx, dev = self.args, self.ctx, self.dev
+        self.train_model = self.model
+        if ctx.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if args.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.loader = DataLoader(self.train_ds, batch_size=args.batch_size, sampler=self.sampler,
+                                 num_workers=args.num_workers, pin_memory=dev.type == "cuda", drop_last=True,
+                                 generator=torch.Generator().manual_seed(args.seed), persistent_workers=False,
+                                 prefetch_factor=4 if args.num_workers > 0 else None)
+        if ctx.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.log_dir))
+            except ImportError:
+                print("warning: tensorboard is not installed; no TensorBoard scalars", file=sys.stderr)
+            print(f"training {args.variant} NCL, ResNet-{args.backbone}, pivot stage {args.pivot_stage}, "
+                  f"{len(self.train_ds)} images, {self.steps_per_epoch} steps/epoch x {args.epochs} epochs, "
+                  f"batch {args.batch_size} x {ctx.world_size} process(es) on {dev}, amp {self.amp}", flush=True)
+        self.monitor = GpuMonitor(dev) if ctx.is_main else None
+        if self.rng_to_restore is not None:
+            set_rng_state(self.rng_to_restore)
+
+    # ---- one step, one epoch ------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.amp == "off":
+            return nullcontext()
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def train_step(self, batch: dict, lr: float) -> dict:
+        """One optimizer step on `batch`; returns the loss parts (detached, averaged over micro-batches)."""
+        ctx, dev = self.ctx, self.dev
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        image = batch["image"].to(dev, non_blocking=True)
+        mask = batch["mask"].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            image = image.to(memory_format=torch.channels_last)
+        self.opt.zero_grad(set_to_none=True)
+        parts = {}
+        K = self.args.accum_steps
+        for j in range(K):  # micro-batch j: items j, j + K, ... (a rank's share under DDP)
+            sync = nullcontext() if (j == K - 1 or not ctx.distributed) else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    out = self.train_model(image[j::K], mask[j::K])
+                self.scaler.scale(out["loss"] / K).backward()
+            for k, v in out.items():
+                if k not in ("logits", "pred_mask"):
+                    parts[k] = parts.get(k, 0.0) + v.detach() / K
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.global_step += 1
+        self.step += 1
+        return parts
+
+    def train_epoch(self, epoch: int) -> dict | None:
+        """The rest of epoch `epoch` from `self.step`; returns its log record (None: the loss is not finite)."""
+        args, ctx = self.args, self.ctx
+        first = self.step
+        self.sampler.set_epoch(epoch, first)
+        self.train_ds.set_epoch(epoch)
+        sums, count, t0, gpu_util, lr = {}, 0, time.perf_counter(), [], None
+        bar = tqdm(self.loader, total=self.steps_per_epoch - first, desc=f"epoch {epoch}", unit="step",
+                   disable=not ctx.is_main or args.no_progress, dynamic_ncols=True)
+        for batch in bar:
+            lr = poly_lr(args.lr, self.global_step, self.total_steps)
+            parts = self.train_step(batch, lr)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if ctx.is_main and (self.step % 10 == 0 or self.step == self.steps_per_epoch):
+                rate = count * args.batch_size * ctx.world_size / (time.perf_counter() - t0)
+                post = {k: f"{(v / count).item():.4f}" for k, v in sums.items()}
+                post["img/s"] = f"{rate:.1f}"
+                gpu = self.monitor.read() if self.monitor else {}
+                if gpu:
+                    post["gpu%"] = f"{gpu['gpu_util']:.0f}"
+                    gpu_util.append(gpu["gpu_util"])
+                bar.set_postfix(post)
+                if self.writer:
+                    for k, v in parts.items():
+                        self.writer.add_scalar(f"train/{k}", v.item(), self.global_step)
+                    self.writer.add_scalar("train/lr", lr, self.global_step)
+                    self.writer.add_scalar("train/images_per_s", rate, self.global_step)
+                    for k, v in gpu.items():
+                        self.writer.add_scalar(f"system/{k}", v, self.global_step)
+            if self.stop_requested():
+                break
+        bar.close()
+        if not math.isfinite(sum(v.item() for v in sums.values()) if sums else 0.0):
+            return None
+        elapsed = time.perf_counter() - t0
+        log = {"epoch": epoch, "train_lr": lr if count else None,
+               **{f"train_{k}": (v / max(count, 1)).item() for k, v in sums.items()},
+               "train_images_per_s": count * args.batch_size * ctx.world_size / max(elapsed, 1e-9)}
+        if gpu_util:
+            log["train_gpu_util"] = sum(gpu_util) / len(gpu_util)
+        if self.dev.type == "cuda":
+            log["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.dev) / 1e9
+        return log
+
+    def stop_requested(self) -> bool:
+        return self.args.max_steps is not None and self.global_step >= self.args.max_steps
+
+    # ---- evaluation and checkpoints -----------------------------------------------------------------------------
+    def evaluate(self, epoch: int, log: dict) -> dict:
+        """Every test set's summary metrics; adds them to `log` and TensorBoard."""
+        args = self.args
+        mode = "pad" if args.if_padding else "resize"
+        results = {}
+        for name, ents in self.test_sets.items():
+            ds = ForgeryDataset(ents, args.test_image_size, mode, invert_masks=args.invert_masks)
+            results[name] = evaluate_dataset(self.model.net, ds, self.ctx, args.batch_size, args.num_workers,
+                                             self.amp, desc=f"test {name}")
+        single = len(results) == 1
+        for name, res in results.items():
+            for k in res:
+                log[f"test_{k}" if single else f"test_{name}_{k}"] = res[k]
+                if self.writer and isinstance(res[k], float):
+                    self.writer.add_scalar(f"test/{name}/{k}", res[k], epoch)
+        if self.ctx.is_main:
+            for name, res in results.items():
+                print(f"epoch {epoch} {name}: pixel-level F1 {res['pixel-level F1']:.4f}, "
+                      f"pixel-level AUC {res['pixel-level AUC']:.4f}", flush=True)
+        return results
+
+    def save(self, epoch: int) -> Path:
+        """Write `checkpoint-<epoch>.pth` for the current position (atomically; rank 0 only)."""
+        done = self.step >= self.steps_per_epoch  # False when stopped mid-epoch
+        next_epoch, next_step = (epoch + 1, 0) if done else (epoch, self.step)
+        path = self.out_dir / f"checkpoint-{epoch}.pth"
+        if not self.ctx.is_main:
+            return path
+        save_atomic({
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "args": vars(self.args),
+            "model_config": self.model_config, "global_step": self.global_step, "next_epoch": next_epoch,
+            "next_step": next_step, "rng": rng_state(),
+        }, path)
+        if self.args.keep_checkpoints > 0:
+            files = sorted(self.out_dir.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime)
+            for old in files[: -self.args.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def write_log(self, log: dict) -> None:
+        if self.ctx.is_main:
+            with open(self.out_dir / "log.txt", "a") as f:
+                f.write(json.dumps(log) + "\n")
+
+    def weights_agree(self) -> bool:
+        """DDP keeps replicas identical; check it (and fail loudly if they ever drift)."""
+        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).cpu()
+        every = distributed.gather_objects(sums, self.ctx)
+        return all(torch.equal(every[0], other) for other in every[1:])
+
+    # ---- the whole run ------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        args, ctx = self.args, self.ctx
+        self.prepare()
+        self.model.train()
+        epoch = self.start_epoch
+        self.step = self.start_step
+        last_eval = None
+        try:
+            for epoch in range(self.start_epoch, args.epochs):
+                if epoch != self.start_epoch:
+                    self.step = 0
+                log = self.train_epoch(epoch)
+                if log is None:
+                    print("error: the loss is not finite; lower --lr or check the data", file=sys.stderr)
+                    return 3
+                stop = self.stop_requested()
+                if self.test_sets and ((epoch + 1) % args.test_period == 0 or epoch + 1 == args.epochs or stop):
+                    last_eval = self.evaluate(epoch, log)
+                self.write_log(log)
+                self.save(epoch)
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            path = self.save(epoch)
+            if ctx.is_main:
+                print(f"\ninterrupted: saved {path} (epoch {epoch}, step {self.step}); continue with --resume auto",
+                      file=sys.stderr)
+            return 130
+        finally:
+            if self.writer:
+                self.writer.close()
+        if ctx.distributed:
+            if not self.weights_agree():
+                print("error: the processes' weights differ", file=sys.stderr)
+                return 4
+            if ctx.is_main:
+                print(f"weights identical on all {ctx.world_size} processes")
+        if ctx.is_main and last_eval:
+            print("\n" + "\n\n".join(markdown(n, {"final": r}) for n, r in last_eval.items()))
+            for name, r in last_eval.items():
+                print(f"\nvalidation ({name}): pixel-level F1 {r['pixel-level F1']:.4f}, "
+                      f"AUC {r['pixel-level AUC']:.4f} (all-zero prediction: F1 0.0000; all-tampered: F1 "
+                      f"{r['pixel-level F1 (all-tampered baseline)']:.4f}, AUC 0.5)")
+        return 0
+
+
+def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
+    """Set up the outputs and the data, build the trainer, resume if asked, run."""
+    out_dir = Path(args.output_dir)
+    log_dir = Path(args.log_dir or args.output_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        entries, test_sets = load_datasets(args, ctx)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if len(entries) < args.batch_size * ctx.world_size:
         print(f"error: {len(entries)} training images are fewer than one global batch "
               f"({args.batch_size} x {ctx.world_size}); lower --batch_size", file=sys.stderr)
         return 2
-
-    torch.manual_seed(args.seed)
-    amp = args.amp if args.amp != "auto" else ("bf16" if dev.type == "cuda" else "off")
-    loss_cfg = LossConfig(variant=args.variant, omega=args.omega, mu=args.mu, radius=args.edge_mask_width,
-                          patch_px=args.patch_px, tau=args.tau, tol=args.tol, impl=args.impl)
-    model_config = dict(backbone=args.backbone, pivot_stage=args.pivot_stage, variant=args.variant,
-                        dropout=args.dropout, width=args.width, head_channels=args.head_channels)
-    model = NCLModel(args.backbone, args.pivot_stage, loss_cfg, dropout=args.dropout, width=args.width,
-                     head_channels=args.head_channels).to(dev)
-    if args.sync_bn and ctx.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if args.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-
-    train_ds = ForgeryDataset(entries, args.image_size, args.train_mode, train=True,
-                              invert_masks=args.invert_masks, seed=args.seed)
-    sampler = EpochSampler(len(train_ds), args.batch_size, ctx, args.seed)
-    steps_per_epoch = sampler.steps
-    total_steps = steps_per_epoch * args.epochs
-
-    start_epoch, start_step, global_step = 0, 0, 0
+    trainer = Trainer(args, ctx, entries, test_sets)
     resume = latest_checkpoint(out_dir) if args.resume == "auto" else args.resume
-    rng_to_restore = None
     if resume:
-        ckpt = load_checkpoint(resume)
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
-        if "optimizer" in ckpt:
-            opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step = ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1), ckpt.get("next_step", 0)
-        global_step = ckpt.get("global_step", start_epoch * steps_per_epoch + start_step)
-        rng_to_restore = ckpt.get("rng")
-        if ctx.is_main:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
-
-    train_model = model
-    if ctx.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=dev.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed),
-                        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
-    writer = None
-    if ctx.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(log_dir))
-        except ImportError:
-            print("warning: tensorboard is not installed; no TensorBoard scalars", file=sys.stderr)
-        print(f"training {args.variant} NCL, ResNet-{args.backbone}, pivot stage {args.pivot_stage}, "
-              f"{len(train_ds)} images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
-              f"batch {args.batch_size} x {ctx.world_size} process(es) on {dev}, amp {amp}", flush=True)
-    monitor = GpuMonitor(dev) if ctx.is_main else None
-    if rng_to_restore is not None:
-        set_rng_state(rng_to_restore)
-
-    def checkpoint(epoch: int, next_epoch: int, next_step: int, name: str) -> None:
-        if not ctx.is_main:
-            return
-        save_atomic({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args),
-            "model_config": model_config, "global_step": global_step, "next_epoch": next_epoch,
-            "next_step": next_step, "rng": rng_state(),
-        }, out_dir / name)
-        if args.keep_checkpoints > 0:
-            old = sorted(out_dir.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime)[: -args.keep_checkpoints]
-            for path in old:
-                path.unlink(missing_ok=True)
-
-    def autocast():
-        if amp == "off":
-            return nullcontext()
-        return torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-    model.train()
-    epoch, step = start_epoch, start_step
-    last_eval = None
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            first = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, first)
-            train_ds.set_epoch(epoch)
-            sums, count, t0, gpu_util = {}, 0, time.perf_counter(), []
-            bar = tqdm(loader, total=steps_per_epoch - first, desc=f"epoch {epoch}", unit="step",
-                       disable=not ctx.is_main or args.no_progress, dynamic_ncols=True)
-            step = first
-            for batch in bar:
-                lr = poly_lr(args.lr, global_step, total_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                image = batch["image"].to(dev, non_blocking=True)
-                mask = batch["mask"].to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    image = image.to(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                parts = {}
-                K = args.accum_steps
-                for j in range(K):  # micro-batch j: items j, j + K, ... (a rank's share under DDP)
-                    sync = nullcontext() if (j == K - 1 or not ctx.distributed) else train_model.no_sync()
-                    with sync:
-                        with autocast():
-                            out = train_model(image[j::K], mask[j::K])
-                        scaler.scale(out["loss"] / K).backward()
-                    for k, v in out.items():
-                        if k not in ("logits", "pred_mask"):
-                            parts[k] = parts.get(k, 0.0) + v.detach() / K
-                scaler.step(opt)
-                scaler.update()
-                global_step += 1
-                step += 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                if ctx.is_main and (step % 10 == 0 or step == steps_per_epoch):
-                    rate = count * args.batch_size * ctx.world_size / (time.perf_counter() - t0)
-                    post = {k: f"{(v / count).item():.4f}" for k, v in sums.items()}
-                    post["img/s"] = f"{rate:.1f}"
-                    gpu = monitor.read() if monitor else {}
-                    if gpu:
-                        post["gpu%"] = f"{gpu['gpu_util']:.0f}"
-                        gpu_util.append(gpu["gpu_util"])
-                    bar.set_postfix(post)
-                    if writer:
-                        for k, v in parts.items():
-                            writer.add_scalar(f"train/{k}", v.item(), global_step)
-                        writer.add_scalar("train/lr", lr, global_step)
-                        writer.add_scalar("train/images_per_s", rate, global_step)
-                        for k, v in gpu.items():
-                            writer.add_scalar(f"system/{k}", v, global_step)
-                if args.max_steps is not None and global_step >= args.max_steps:
-                    break
-            bar.close()
-            if not math.isfinite(sum(v.item() for v in sums.values()) if sums else 0.0):
-                print("error: the loss is not finite; lower --lr or check the data", file=sys.stderr)
-                return 3
-            elapsed = time.perf_counter() - t0
-            log = {"epoch": epoch, "train_lr": lr if count else None,
-                   **{f"train_{k}": (v / max(count, 1)).item() for k, v in sums.items()},
-                   "train_images_per_s": count * args.batch_size * ctx.world_size / max(elapsed, 1e-9)}
-            if gpu_util:
-                log["train_gpu_util"] = sum(gpu_util) / len(gpu_util)
-            if dev.type == "cuda":
-                log["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
-            stop = args.max_steps is not None and global_step >= args.max_steps
-            if test_sets and ((epoch + 1) % args.test_period == 0 or epoch + 1 == args.epochs or stop):
-                mode = "pad" if args.if_padding else "resize"
-                results = {}
-                for name, ents in test_sets.items():
-                    ds = ForgeryDataset(ents, args.test_image_size, mode, invert_masks=args.invert_masks)
-                    results[name] = evaluate_dataset(model.net, ds, ctx, args.batch_size, args.num_workers, amp,
-                                                     desc=f"test {name}")
-                single = len(results) == 1
-                for name, res in results.items():
-                    for k in res:
-                        log[f"test_{k}" if single else f"test_{name}_{k}"] = res[k]
-                        if writer and isinstance(res[k], float):
-                            writer.add_scalar(f"test/{name}/{k}", res[k], epoch)
-                last_eval = results
-                if ctx.is_main:
-                    for name, res in results.items():
-                        print(f"epoch {epoch} {name}: pixel-level F1 {res['pixel-level F1']:.4f}, "
-                              f"pixel-level AUC {res['pixel-level AUC']:.4f}", flush=True)
-            if ctx.is_main:
-                with open(out_dir / "log.txt", "a") as f:
-                    f.write(json.dumps(log) + "\n")
-            done = step >= steps_per_epoch  # False when --max_steps stopped mid-epoch
-            checkpoint(epoch, epoch + 1 if done else epoch, 0 if done else step, f"checkpoint-{epoch}.pth")
-            if stop:
-                break
-    except KeyboardInterrupt:
-        done = step >= steps_per_epoch
-        checkpoint(epoch, epoch + 1 if done else epoch, 0 if done else step, f"checkpoint-{epoch}.pth")
-        if ctx.is_main:
-            print(f"\ninterrupted: saved {out_dir / f'checkpoint-{epoch}.pth'} "
-                  f"(epoch {epoch}, step {step}); continue with --resume auto", file=sys.stderr)
-        return 130
-    finally:
-        if writer:
-            writer.close()
-    if ctx.distributed:
-        # DDP keeps replicas identical; say so (and fail loudly if they ever drift)
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
-        every = distributed.gather_objects(sums, ctx)
-        if not all(torch.equal(every[0], other) for other in every[1:]):
-            print("error: the processes' weights differ", file=sys.stderr)
-            return 4
-        if ctx.is_main:
-            print(f"weights identical on all {ctx.world_size} processes")
-    if ctx.is_main and last_eval:
-        print("\n" + "\n\n".join(markdown(n, {"final": r}) for n, r in last_eval.items()))
-        for name, r in last_eval.items():
-            print(f"\nvalidation ({name}): pixel-level F1 {r['pixel-level F1']:.4f}, AUC {r['pixel-level AUC']:.4f} "
-                  f"(all-zero prediction: F1 0.0000; all-tampered: F1 "
-                  f"{r['pixel-level F1 (all-tampered baseline)']:.4f}, AUC 0.5)")
-    return 0
+        trainer.resume(resume)
+    return trainer.run()
 
 
 if __name__ == "__main__":
