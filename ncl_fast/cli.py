@@ -38,6 +38,16 @@ class RunError(Exception):
     """A failure while working: the message says what and what to do (exit 1)."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (the module docstring), and option help wrapped
+    without splitting paths or option names at their hyphens."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
 # ---- option types: argparse calls them, so a bad value stops the command at parse time (exit 2) -------------------
 def _number(kind: type, text: str) -> int | float:
     try:
@@ -60,21 +70,23 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def float_in(low: float | None = None, high: float | None = None, low_open: bool = False,
+def float_in(low: float, high: float | None = None, low_open: bool = False,
              high_open: bool = False) -> Callable[[str], float]:
-    """A finite float in the interval [low, high] (ends open where asked)."""
-    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
-    span = f"{lo_b}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_b}"
+    """A finite float in [low, high] (ends open where asked; no upper end when `high` is None)."""
+    if high is None:
+        span = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         value = _number(float, text)
         if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f"must be in {span}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         if high is not None and (value > high or (high_open and value == high)):
-            raise argparse.ArgumentTypeError(f"must be in {span}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
-    parse.__name__ = f"number in {span}"
+    parse.__name__ = f"number {span}"
     return parse
 
 
@@ -83,7 +95,7 @@ def image_size(text: str) -> int:
     value = _number(int, text)
     if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
         raise argparse.ArgumentTypeError(
-            f"must be a positive multiple of {SIZE_MULTIPLE} (the network stride and the 16 px patches), got {value}")
+            f"must be a positive multiple of {SIZE_MULTIPLE}, got {value} (the network stride and the 16 px patches)")
     return value
 
 
