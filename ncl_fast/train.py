@@ -358,7 +358,7 @@ class Trainer:
         """Load model, optimizer, scaler and the position in the schedule from checkpoint `ckpt` (read from `path`)."""
         trained = ckpt.get("model_config") or {}
         differs = {k: (v, self.model_config[k]) for k, v in trained.items()
-                   if k in self.model_config and v != self.model_config[k]}
+                   if k in ARCHITECTURE and v != self.model_config[k]}
         if differs:
             what = ", ".join(f"--{k} {a} (this run: {b})" for k, (a, b) in differs.items())
             raise cli.UsageError(f"checkpoint {path} was trained with {what}; pass the same options to continue it, "
@@ -403,7 +403,10 @@ class Trainer:
                                  num_workers=args.num_workers, pin_memory=dev.type == "cuda", drop_last=True,
                                  generator=torch.Generator().manual_seed(args.seed), persistent_workers=False,
                                  prefetch_factor=4 if args.num_workers > 0 else None)
+        note = _backend.announce_fallbacks(LOSS_OPS[args.variant], args.impl, dev)  # every rank: no warnings later
         if ctx.is_main:
+            if note:
+                print(note, flush=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -661,6 +664,8 @@ class Trainer:
               f"evaluate: python -m ncl_fast.evaluate --checkpoint {checkpoint} --test_data_path {data}", flush=True)
 
 
+#: The model_config keys that change the set of weights (dropout does not).
+ARCHITECTURE = ("backbone", "pivot_stage", "variant", "width", "head_channels")
 LOSS_OPS = {"base": ("pc_bce",), "pivot": ("pc_bce", "patch_labels", "ncl_terms"),
             "full": ("pc_loss", "patch_labels", "ncl_terms")}
 
@@ -699,9 +704,6 @@ def train(args: argparse.Namespace, ctx: distributed.Context) -> int:
         path = None
     if path is not None:
         trainer.resume(path, ckpt)
-    note = _backend.announce_fallbacks(LOSS_OPS[args.variant], args.impl, ctx.device)  # every rank: no warnings
-    if note and ctx.is_main:
-        print(note, flush=True)
     return trainer.run()
 
 
