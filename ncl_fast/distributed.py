@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ def teardown() -> None:
     ("terminate called without an active exception", SIGABRT) at exit."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    gc.collect()  # DDP reducers or loaders left in reference cycles let go of the group now, not at exit
     try:
         dist.barrier()
     except Exception:  # a peer is already gone (it failed): destroy ours anyway

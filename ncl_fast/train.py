@@ -635,8 +635,7 @@ class Trainer:
                       f"continue with --resume auto", file=sys.stderr)
             return cli.INTERRUPTED
         finally:
-            if self.writer:
-                self.writer.close()
+            self.close()
         if ctx.distributed:
             if not self.weights_agree():
                 cli.error("the processes' weights differ")
@@ -652,6 +651,15 @@ class Trainer:
         if ctx.is_main and saved is not None:
             self.print_outputs(saved)
         return cli.OK
+
+    def close(self) -> None:
+        """Release what holds threads or the process group before the process group is
+        destroyed: TensorBoard's writer thread, the loader's workers, DDP's reducer."""
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+        self.loader = None  # its iterator ended with the epoch: no worker outlives this
+        self.train_model = self.model
 
     def print_outputs(self, checkpoint) -> None:
         """Where everything went, and the next commands."""
