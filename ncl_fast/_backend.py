@@ -11,7 +11,8 @@
   absent or fails to import is unavailable, with that error as the reason.
 * An explicit request that cannot be met raises `BackendUnavailableError`
   with the reason. `auto` tries the preferred fused backend of the op and
-  falls back to the reference, warning once per (op, reason).
+  falls back to the reference, warning once per (op, reason); a command line
+  says it once instead, before its progress bar (`announce_fallbacks`).
 """
 from __future__ import annotations
 
@@ -102,6 +103,15 @@ def choose(op: str, impl: str | None, device: torch.device) -> tuple[str, Callab
         if reason is not None:
             raise BackendUnavailableError(f"impl={impl!r} cannot run {op} on {device}: {reason}")
         return impl, _load(impl).OPS[op]
+    backend, fn, why = _auto(op, device)
+    if why is not None and (op, why) not in _warned:
+        _warned.add((op, why))
+        warnings.warn(f"ncl_fast: {op} runs the PyTorch reference ({why})", RuntimeWarning, stacklevel=3)
+    return backend, fn
+
+
+def _auto(op: str, device: torch.device) -> tuple[str, Callable, str | None]:
+    """What `auto` runs for `op` on `device`: (backend, function, why it fell back or None)."""
     reasons = []
     for backend in PREFERENCE[op]:
         if backend == "triton" and device.type != "cuda":
@@ -110,10 +120,25 @@ def choose(op: str, impl: str | None, device: torch.device) -> tuple[str, Callab
             continue
         reason = unavailable_reason(backend, op, device)
         if reason is None:
-            return backend, _load(backend).OPS[op]
+            return backend, _load(backend).OPS[op], None
         reasons.append(f"{backend}: {reason}")
-    why = "; ".join(reasons)
-    if (op, why) not in _warned:
-        _warned.add((op, why))
-        warnings.warn(f"ncl_fast: {op} runs the PyTorch reference ({why})", RuntimeWarning, stacklevel=3)
-    return "reference", _REFERENCE_OPS[op]
+    return "reference", _REFERENCE_OPS[op], "; ".join(reasons)
+
+
+def announce_fallbacks(ops, impl: str | None, device: torch.device) -> str | None:
+    """For a command line: one line saying which of `ops` `auto` will run on the
+    reference on `device` and why (None when there is nothing to say), and no
+    per-op RuntimeWarning later (which would break a progress bar). Library calls
+    that never ask keep the warning once per op."""
+    if requested_impl(impl) != "auto":
+        return None
+    by_reason: dict[str, list[str]] = {}
+    for op in ops:
+        _, _, why = _auto(op, device)
+        if why is not None:
+            _warned.add((op, why))
+            by_reason.setdefault(why, []).append(op)
+    if not by_reason:
+        return None
+    parts = [f"{', '.join(names)} ({why})" for why, names in by_reason.items()]
+    return "loss backend: the PyTorch reference runs " + "; ".join(parts) + " (expected on a CPU; results are the same)"

@@ -1,8 +1,11 @@
 """`python -m ncl_fast.check_data PATH [--invert-masks]`: a report on a dataset
 (Tp/Gt folder, JSON list, or a test-set map): counts, and every problem that
 would stop training (missing, unreadable or corrupt files, count and size
-mismatches) or spoil it (0/1-valued or coloured masks, mismatched names).
-Exit status 0 when usable, 1 otherwise.
+mismatches, images too large to decode safely) or spoil it (0/1-valued or
+coloured masks, mismatched names).
+
+Exit status (as every command, see `ncl_fast.cli`): 0 when every dataset is
+usable, 2 when one is not (bad input), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import sys
 
 import numpy as np
 
-from .data.sources import DatasetError, check_entries, list_dataset, list_test_sets, read_mask
+from . import cli
+from .data.sources import (DatasetError, allow_large_images, check_entries, list_dataset, list_test_sets,
+                           read_mask)
 
 
 def report_one(name: str, path: str, invert: bool) -> bool:
@@ -41,18 +46,29 @@ def report_one(name: str, path: str, invert: bool) -> bool:
     return not rep.errors
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ncl_fast.check_data", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ncl_fast.check_data", description=__doc__,
+                                 formatter_class=cli.HelpFormatter)
     ap.add_argument("path", help="Tp/Gt folder, JSON list, or JSON map {name: path}")
-    ap.add_argument("--invert-masks", "--invert_masks", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument("--invert-masks", "--invert_masks", action="store_true",
+                    help="masks are black = tampered (raw NIST16)")
+    ap.add_argument("--allow-large-images", "--allow_large_images", action="store_true",
+                    help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    return ap
+
+
+@cli.command
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.allow_large_images:
+        allow_large_images()
     try:
         sets = list_test_sets(args.path)
     except DatasetError as err:
         print(f"ERROR {err}")
-        return 1
+        return cli.USAGE
     ok = [report_one(name, path, args.invert_masks) for name, path in sets.items()]
-    return 0 if all(ok) else 1
+    return cli.OK if all(ok) else cli.USAGE
 
 
 if __name__ == "__main__":

@@ -44,20 +44,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """The checkpoint as a dict with at least `model` (a state dict)."""
+    """The checkpoint as a dict with at least `model` (a state dict).
+
+    Raises FileNotFoundError, or CheckpointError naming the file when it cannot be
+    read (damaged, truncated, not a checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); is it complete?") from err
-    if isinstance(ckpt, dict) and "model" in ckpt:
+    except Exception as err:  # torch.load raises many kinds on damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first[:200]}): "
+                              f"it is damaged or incomplete") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
         return ckpt
-    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return {"model": ckpt}
-    raise ValueError(f"checkpoint {path} holds neither {{'model': ...}} nor a state dict")
+    raise CheckpointError(f"checkpoint {path} holds neither {{'model': ...}} nor a state dict")
 
 
 def strip_prefixes(state: dict) -> dict:
@@ -71,7 +80,24 @@ def strip_prefixes(state: dict) -> dict:
     return out
 
 
+def checkpoints_newest_first(folder: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-*.pth` files in `folder`, newest (by modification time) first."""
+    return sorted(Path(folder).glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     """The newest `checkpoint-*.pth` in `folder` by modification time, or None."""
-    files = sorted(Path(folder).glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime)
-    return files[-1] if files else None
+    files = checkpoints_newest_first(folder)
+    return files[0] if files else None
+
+
+def newest_readable(folder: str | os.PathLike) -> tuple[Path | None, dict | None, list[CheckpointError]]:
+    """`(path, checkpoint, skipped)`: the newest checkpoint in `folder` that loads (None
+    if none does), and the errors of the newer ones that could not be read."""
+    skipped: list[CheckpointError] = []
+    for path in checkpoints_newest_first(folder):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as err:
+            skipped.append(err)
+    return None, None, skipped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -44,8 +45,21 @@ def setup(device: str | None = None) -> Context:
 
 
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group in step: wait for every rank (so none is still talking
+    to a peer), then destroy the group, before the interpreter starts to exit.
+
+    Without the barrier a rank that finishes first destroys its gloo context while
+    another rank's last collective may still be in flight on the connection; the
+    gloo threads of the destroyed context then die with `std::terminate`
+    ("terminate called without an active exception", SIGABRT) at exit."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # DDP reducers or loaders left in reference cycles let go of the group now, not at exit
+    try:
+        dist.barrier()
+    except Exception:  # a peer is already gone (it failed): destroy ours anyway
+        pass
+    dist.destroy_process_group()
 
 
 def gather_objects(obj, ctx: Context) -> list:

@@ -6,12 +6,18 @@ the robustness attacks.
 `{"name": path}`. Every image is evaluated exactly once, on one process or many
 (`torchrun`: each rank takes every world_size-th image, the per-image results are
 gathered, nothing is padded or duplicated). Prints a markdown table per dataset
-and writes `eval.json` (and `eval.md`) to `--output_dir` when given.
+and writes `eval.json` (and `eval.md`) to `--output_dir` when given; that folder
+is checked before any work starts. A figure undefined for a set (image-level AUC
+without authentic images, for instance) is `null` in `eval.json` and `n/a` in
+the tables, with the reason.
+
+Exit status: 0 done, 1 failure at run time, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import distributed, metrics
+from . import cli, distributed, metrics
 from .checkpoint import load_checkpoint, strip_prefixes
-from .data import DatasetError, ForgeryDataset, list_test_sets, load_entries
+from .data import DatasetError, ForgeryDataset, allow_large_images, list_test_sets, load_entries
 from .data.attacks import grid
 from .model import LossConfig, NCLModel
 
@@ -37,7 +43,7 @@ def autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4, num_workers: int = 2,
-                     amp: str = "off", desc: str = "evaluating") -> dict:
+                     amp: str = "off", desc: str = "evaluating", progress: bool = True) -> dict:
     """Summary metrics of `net` (a DeepLabV3Plus) on `dataset`, every image once."""
     was_training = net.training
     net.eval()
@@ -46,7 +52,7 @@ def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=ctx.device.type == "cuda", shuffle=False, generator=torch.Generator())
     rows = []
-    for batch in tqdm(loader, desc=desc, disable=not ctx.is_main, leave=False, unit="batch"):
+    for batch in tqdm(loader, desc=desc, disable=not (ctx.is_main and progress), leave=False, unit="batch"):
         image = batch["image"].to(ctx.device, non_blocking=True)
         if ctx.device.type == "cuda":
             image = image.to(memory_format=torch.channels_last)
@@ -66,13 +72,25 @@ def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4
     return metrics.summarize(every)
 
 
+def fmt(value) -> str:
+    """A figure for a table: 4 decimals, or n/a when undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}"
+
+
 def markdown(name: str, results: dict[str, dict]) -> str:
-    """One table: a row per condition (clean, attacks), a column per metric."""
+    """One table: a row per condition (clean, attacks), a column per metric; then why any n/a."""
     lines = [f"### {name}", "", "| condition | " + " | ".join(TABLE_KEYS) + " | images |",
              "|---" * (len(TABLE_KEYS) + 2) + "|"]
+    notes = {}
     for cond, res in results.items():
-        cells = " | ".join(f"{res[k]:.4f}" for k in TABLE_KEYS)
+        cells = " | ".join(fmt(res[k]) for k in TABLE_KEYS)
         lines.append(f"| {cond} | {cells} | {res['images']} |")
+        notes.update({k: why for k, why in res.get("undefined", {}).items() if k in TABLE_KEYS})
+    if notes:
+        lines.append("")
+        lines += [f"n/a: {k} is undefined: {why}." for k, why in notes.items()]
     return "\n".join(lines)
 
 
@@ -87,44 +105,58 @@ def model_from_checkpoint(path: str, device: torch.device, fallback: dict | None
     )
     state = strip_prefixes(ckpt["model"])
     what = f"a ResNet-{cfg.get('backbone', 101)} DeepLabV3+ (width {cfg.get('width', 64)})"
+    how = ("its model_config does not match the file's weights: it is damaged or was edited"
+           if "model_config" in ckpt else "pass --backbone as trained")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
         first = str(err).strip().splitlines()[1:2]
-        raise ValueError(f"checkpoint {path} does not fit {what}: {first}; pass --backbone as trained") from None
+        raise ValueError(f"checkpoint {path} does not fit {what}: {first}; {how}") from None
     needed = [k for k in missing if k.startswith("net.")]
     if needed or any(k.startswith("net.") for k in unexpected):
         raise ValueError(
-            f"checkpoint {path} does not fit {what} (missing {needed[:3]}, unexpected {list(unexpected)[:3]}); "
-            f"pass --backbone as trained"
+            f"checkpoint {path} does not fit {what} (missing {needed[:3]}, unexpected {list(unexpected)[:3]}); {how}"
         )
     return model.to(device).eval(), ckpt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ncl_fast.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--test_data_path", "--test-data-path", required=True)
-    ap.add_argument("--image_size", "--image-size", type=int, default=None, help="default: the training one, else 512")
+    ap = argparse.ArgumentParser(prog="python -m ncl_fast.evaluate", description=__doc__,
+                                 formatter_class=cli.HelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint-<epoch>.pth of ncl_fast.train (or {model: ...})")
+    ap.add_argument("--test_data_path", "--test-data-path", required=True,
+                    help="Tp/Gt folder, JSON list, or JSON map {name: path}")
+    ap.add_argument("--image_size", "--image-size", type=cli.image_size, default=None,
+                    help="a multiple of 16 (default: the checkpoint's test size, else 512)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--if_resizing", "--if-resizing", action="store_true", help="resize to image_size (default)")
     size.add_argument("--if_padding", "--if-padding", action="store_true", help="top-left zero padding")
-    ap.add_argument("--batch_size", "--batch-size", type=int, default=4)
-    ap.add_argument("--num_workers", "--num-workers", type=int, default=4)
+    ap.add_argument("--batch_size", "--batch-size", type=cli.positive_int, default=4, help="per process (default: 4)")
+    workers = cli.default_workers()
+    ap.add_argument("--num_workers", "--num-workers", type=cli.nonnegative_int, default=workers,
+                    help=f"DataLoader workers (default: {workers}, the CPUs available up to 4)")
     ap.add_argument("--invert-masks", "--invert_masks", action="store_true", help="masks are black = tampered (NIST16)")
-    ap.add_argument("--robustness", action="store_true", help="also evaluate under attacks")
-    ap.add_argument("--robustness-grid", "--robustness_grid", default="ncl", choices=("ncl", "benco"))
-    ap.add_argument("--output_dir", "--output-dir", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU")
-    ap.add_argument("--backbone", type=int, default=101, help="for checkpoints without model_config")
+    ap.add_argument("--robustness", action="store_true", help="also evaluate under attacks (NCL paper Table 3)")
+    ap.add_argument("--robustness-grid", "--robustness_grid", default="ncl", choices=("ncl", "benco"),
+                    help="ncl: the NCL paper's attacks; benco: IMDL-BenCo's grids (default: ncl)")
+    ap.add_argument("--output_dir", "--output-dir", default=None,
+                    help="folder for eval.json and eval.md (default: print only)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
+    ap.add_argument("--backbone", type=int, default=101, choices=(18, 34, 50, 101),
+                    help="for checkpoints without model_config (default: 101)")
+    ap.add_argument("--allow-large-images", "--allow_large_images", action="store_true",
+                    help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
+@cli.command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0:
-        sys.exit("--batch_size must be >= 1 and --num_workers >= 0")
+    if args.allow_large_images:
+        allow_large_images()
+    out = cli.check_output_dir(args.output_dir, "--output_dir") if args.output_dir else None
     ctx = distributed.setup(args.device)
     try:
         try:
@@ -132,7 +164,7 @@ def main(argv=None) -> int:
             entries = {name: load_entries(path)[0] for name, path in test_sets.items()}
             model, ckpt = model_from_checkpoint(args.checkpoint, ctx.device, {"backbone": args.backbone})
         except (DatasetError, FileNotFoundError, ValueError) as err:
-            sys.exit(f"error: {err}")
+            raise cli.UsageError(str(err)) from None
         trained = ckpt.get("args", {}) or {}
         size = args.image_size or trained.get("test_image_size") or trained.get("image_size") or 512
         mode = "pad" if args.if_padding or (not args.if_resizing and trained.get("if_padding")) else "resize"
@@ -146,21 +178,24 @@ def main(argv=None) -> int:
                 ds = ForgeryDataset(ents, size, mode, invert_masks=args.invert_masks, attack=attack)
                 cond = "clean" if attack is None else attack.name
                 results[cond] = evaluate_dataset(model.net, ds, ctx, args.batch_size, args.num_workers, args.amp,
-                                                 desc=f"{name} / {cond}")
+                                                 desc=f"evaluating {name} ({cond})", progress=not args.no_progress)
             report[name] = results
             texts.append(markdown(name, results))
         if ctx.is_main:
             header = f"checkpoint {args.checkpoint}, {size}x{size} ({mode}), F1 at threshold 0.5"
             print(header + "\n\n" + "\n\n".join(texts))
-            if args.output_dir:
-                out = Path(args.output_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, "size": size,
-                                                           "mode": mode, "results": report}, indent=1))
-                (out / "eval.md").write_text(header + "\n\n" + "\n\n".join(texts) + "\n")
+            if out is not None:
+                record = {"checkpoint": args.checkpoint, "size": size, "mode": mode, "results": report}
+                try:
+                    (out / "eval.json").write_text(json.dumps(cli.json_safe(record), indent=1, allow_nan=False))
+                    (out / "eval.md").write_text(header + "\n\n" + "\n\n".join(texts) + "\n")
+                except OSError as err:
+                    raise cli.RunError(f"cannot write {out / 'eval.json'} ({cli.describe_os_error(err)}); "
+                                       f"the results are printed above") from None
+                print(f"\nwrote {out / 'eval.json'} and {out / 'eval.md'}")
     finally:
         distributed.teardown()
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

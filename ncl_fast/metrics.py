@@ -5,6 +5,9 @@ Per image, with `P = 1[p > 0.5]` (strictly greater), mask `m`, valid pixels `S`:
   IoU = I / (sum(P S) + sum(m S) - I + 1e-8), I = TP
   AUC over the valid pixels (ties count 1/2); an image with an empty mask scores 0.
 Dataset values are means over images, authentic images included (they score 0).
+A figure that is undefined for a set (image-level AUC without authentic images,
+tampered-only means without tampered images) is None, with the reason under
+`undefined`: never NaN, which JSON cannot hold.
 Also reported, under distinct names: the means over tampered images only, and a
 dataset-level F1 from TP, FP, FN summed over all pixels. Image level: score =
 max of the prediction over valid pixels, label = any tampered pixel, F1 at 0.5
@@ -85,7 +88,7 @@ def summarize(per_image: list[dict]) -> dict:
     ifp = (pred_lab & ~labels).sum().item()
     ifn = (~pred_lab & labels).sum().item()
     iprec, irec = itp / (itp + ifp + EPS), itp / (itp + ifn + EPS)
-    return {
+    out = {
         "pixel-level F1": mean("f1", per_image),
         "pixel-level AUC": mean("auc", per_image),
         "pixel-level IOU": mean("iou", per_image),
@@ -101,3 +104,23 @@ def summarize(per_image: list[dict]) -> dict:
         "images": n,
         "tampered images": len(tampered),
     }
+    notes = {}
+    for key, value in out.items():
+        if isinstance(value, float) and math.isnan(value):
+            out[key] = None
+            notes[key] = undefined_reason(key, n, len(tampered))
+    if notes:
+        out["undefined"] = notes
+    return out
+
+
+def undefined_reason(key: str, images: int, tampered: int) -> str:
+    """Why a dataset figure has no value (it is reported as null / n/a, never NaN)."""
+    if "tampered only" in key:
+        return "the set has no tampered images"
+    if key == "image-level AUC":
+        if tampered == 0:
+            return "the set has no tampered images (image-level AUC needs both kinds)"
+        if tampered == images:
+            return "the set has no authentic images (image-level AUC needs both kinds)"
+    return "undefined for this set"

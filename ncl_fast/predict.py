@@ -1,14 +1,26 @@
 """`python -m ncl_fast.predict IMAGE_OR_DIR --checkpoint CKPT --out DIR`: tampering
 masks for new photos.
 
-For each image: `DIR/pred/<stem>.png` holds `round(255 * p)` at the image's
-original size (IMDL-BenCo's convention), and `DIR/overlay/<stem>.png` a heat map
-of p blended over the photo, for people to look at.
+For each image, at its original size:
+
+* `DIR/mask/<name>.png`: the binary mask at the evaluation threshold, 255 where
+  p > 0.5 (tampered), 0 elsewhere: what IMDL-BenCo users compare with ground truth;
+* `DIR/prob/<name>.png`: the probability map, `round(255 * p)`;
+* `DIR/overlay/<name>.png`: p as a heat map blended over the photo, for people
+  (skipped with --no-overlay).
+
+`<name>` is the image's stem; images sharing a stem (`x.png`, `x.jpg`) keep
+their extension in it (`x_png`, `x_jpg`), so no output overwrites another.
+Unreadable images are skipped with a message naming them.
+
+Exit status: 0 every image written, 1 some could not be read (the others are
+written), 2 bad input (options, checkpoint, output folder), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from . import cli
 from .data.dataset import fit_size, normalize
-from .data.sources import IMAGE_EXTS, read_image
+from .data.sources import IMAGE_EXTS, allow_large_images, read_image
 from .evaluate import autocast, model_from_checkpoint
 
 
@@ -29,6 +42,23 @@ def heat_overlay(image: np.ndarray, prob: np.ndarray, alpha: float = 0.55) -> np
                            np.clip(1 - 2 * p, 0, 1)], axis=2) * 255
     weight = alpha * np.clip(p * 1.5, 0.15, 1.0)
     return np.clip(image * (1 - weight) + heat * weight, 0, 255).astype(np.uint8)
+
+
+#: The evaluation threshold (SPEC section 9, IMDL-BenCo): tampered where p > 0.5, strictly.
+THRESHOLD = 0.5
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """One distinct output name per input: the stem, with the extension added where
+    stems collide (`x.png`, `x.jpg` -> `x_png`, `x_jpg`), numbered if still equal."""
+    stems = Counter(f.stem for f in files)
+    names = [f.stem if stems[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}" for f in files]
+    seen: Counter = Counter()
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if seen[name] == 1 and names.count(name) == 1 else f"{name}-{seen[name]}")
+    return out
 
 
 def list_images(path: Path) -> list[Path]:
@@ -61,46 +91,77 @@ def predict_image(net, image: np.ndarray, size: int, mode: str, device: torch.de
     return prob[0, 0].clamp(0, 1).cpu().numpy()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ncl_fast.predict", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ncl_fast.predict", description=__doc__,
+                                 formatter_class=cli.HelpFormatter)
     ap.add_argument("input", help="an image or a folder of images")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--out", required=True, help="output folder (pred/ and overlay/ are created)")
-    ap.add_argument("--image_size", "--image-size", type=int, default=None, help="default: the training one")
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint-<epoch>.pth of ncl_fast.train (or {model: ...})")
+    ap.add_argument("--out", "--output_dir", "--output-dir", required=True,
+                    help="output folder (mask/, prob/ and overlay/ are created in it)")
+    ap.add_argument("--image_size", "--image-size", type=cli.image_size, default=None,
+                    help="a multiple of 16 (default: the checkpoint's test size, else 512)")
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--if_resizing", "--if-resizing", action="store_true")
-    size.add_argument("--if_padding", "--if-padding", action="store_true")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
-    ap.add_argument("--no-overlay", action="store_true")
-    args = ap.parse_args(argv)
+    size.add_argument("--if_resizing", "--if-resizing", action="store_true", help="resize to image_size")
+    size.add_argument("--if_padding", "--if-padding", action="store_true", help="top-left zero padding")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
+    ap.add_argument("--no-overlay", action="store_true", help="do not write overlay/")
+    ap.add_argument("--allow-large-images", "--allow_large_images", action="store_true",
+                    help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+@cli.command
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.allow_large_images:
+        allow_large_images()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    kinds = ["mask", "prob"] + ([] if args.no_overlay else ["overlay"])
+    for kind in kinds:
+        cli.check_output_dir(out / kind, "--out")
     try:
         files = list_images(Path(args.input))
         model, ckpt = model_from_checkpoint(args.checkpoint, device)
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        raise cli.UsageError(str(err)) from None
     trained = ckpt.get("args", {}) or {}
     size = args.image_size or trained.get("test_image_size") or trained.get("image_size") or 512
-    if size % 16:
-        sys.exit(f"error: --image_size must be a multiple of 16, got {size}")
     mode = "pad" if args.if_padding or (not args.if_resizing and trained.get("if_padding")) else "resize"
-    out = Path(args.out)
-    (out / "pred").mkdir(parents=True, exist_ok=True)
-    if not args.no_overlay:
-        (out / "overlay").mkdir(parents=True, exist_ok=True)
-    for f in tqdm(files, desc="predicting", unit="img", disable=len(files) < 2):
+    names = output_names(files)
+    renamed = [(f, n) for f, n in zip(files, names) if n != f.stem]
+    if renamed:
+        print("note: images sharing a name are written under distinct names: "
+              + ", ".join(f"{f.name} -> {n}.png" for f, n in renamed), file=sys.stderr)
+    written, skipped = 0, []
+    for f, name in tqdm(list(zip(files, names)), desc="predicting", unit="img",
+                        disable=len(files) < 2 or args.no_progress):
         try:
             image = read_image(str(f))
-        except OSError as err:
+        except (OSError, ValueError) as err:
             print(f"warning: skipping {f}: cannot read it ({err})", file=sys.stderr)
+            skipped.append(f)
             continue
         prob = predict_image(model.net, image, size, mode, device, args.amp)
-        Image.fromarray(np.rint(255 * prob).astype(np.uint8)).save(out / "pred" / f"{f.stem}.png")
-        if not args.no_overlay:
-            Image.fromarray(heat_overlay(image, prob)).save(out / "overlay" / f"{f.stem}.png")
-    print(f"wrote {len(files)} prediction(s) to {out / 'pred'}" + ("" if args.no_overlay else f" and {out / 'overlay'}"))
-    return 0
+        try:
+            Image.fromarray(np.where(prob > THRESHOLD, 255, 0).astype(np.uint8)).save(out / "mask" / f"{name}.png")
+            Image.fromarray(np.rint(255 * prob).astype(np.uint8)).save(out / "prob" / f"{name}.png")
+            if not args.no_overlay:
+                Image.fromarray(heat_overlay(image, prob)).save(out / "overlay" / f"{name}.png")
+        except OSError as err:
+            raise cli.RunError(f"cannot write the outputs of {f} in {out} ({cli.describe_os_error(err)}); "
+                               f"{written} image(s) were written before it") from None
+        written += 1
+    where = ", ".join(str(out / k) for k in kinds)
+    print(f"wrote {written} of {len(files)} prediction(s) to {where} "
+          f"(mask/: binary, 255 where p > {THRESHOLD}; prob/: round(255 p))")
+    if skipped:
+        cli.error(f"{len(skipped)} of {len(files)} image(s) could not be read and have no prediction: "
+                  + ", ".join(str(f) for f in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        return cli.FAILURE
+    return cli.OK
 
 
 if __name__ == "__main__":

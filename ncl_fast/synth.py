@@ -17,6 +17,10 @@ never rectangles) with feathered boundaries; then the whole image may be
 resampled, blurred slightly, given sensor-like noise and JPEG re-compressed,
 which hides traces as real forgeries do. Images are saved as PNG after the
 JPEG round trip, masks as 0/255 PNG; the same seed gives the same bytes.
+
+`python -m ncl_fast.train` without `--data_path` makes this set once (200
+images, seed 0) in $NCL_FAST_SYNTH_DIR, else $XDG_CACHE_HOME/ncl_fast or
+~/.cache/ncl_fast.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from . import cli
 
 #: Bundled photographs (scikit-image ships them; no download).
 PHOTOS = (
@@ -178,17 +184,25 @@ def generate(out: str | os.PathLike, n: int = 200, seed: int = 0, progress: bool
     return root
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Synthesize a Tp/Gt forgery dataset from scikit-image's bundled photos.")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ncl_fast.synth", description=__doc__,
+                                 formatter_class=cli.HelpFormatter)
     ap.add_argument("out", help="output folder (Tp/ and Gt/ are created in it)")
-    ap.add_argument("--n", type=int, default=200, help="number of images (default 200)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error("--n must be at least 1")
-    root = generate(args.out, args.n, args.seed)
+    ap.add_argument("--n", type=cli.positive_int, default=200, help="number of images (default: 200)")
+    ap.add_argument("--seed", type=cli.nonnegative_int, default=0, help="(default: 0)")
+    return ap
+
+
+@cli.command
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = cli.check_output_dir(args.out, "OUT")
+    for sub in ("Tp", "Gt"):
+        cli.check_output_dir(out / sub, "OUT")
+    root = generate(out, args.n, args.seed)
     print(f"wrote {args.n} images to {root}/Tp and masks to {root}/Gt", file=sys.stderr)
+    return cli.OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

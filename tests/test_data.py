@@ -131,7 +131,7 @@ def test_check_data_cli(tmp_path, folder, capsys):
     out = capsys.readouterr().out
     assert "4 images: 3 with tampered pixels, 1 authentic" in out and "OK" in out
     Image.new("L", (10, 10)).save(folder / "Gt" / "img0.png")
-    assert check_data_main([str(folder)]) == 1
+    assert check_data_main([str(folder)]) == 2  # bad input
     assert "size mismatch" in capsys.readouterr().out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,18 +135,93 @@ def list_test_sets(path: str | os.PathLike) -> dict[str, str]:
     return {p.stem if p.is_file() else p.name: str(p)}
 
 
+class ImageTooLargeError(OSError):
+    """An image above Pillow's decompression-bomb limit (`allow_large_images` lifts it)."""
+
+
+class UnsupportedImageError(OSError):
+    """An image whose pixel values cannot be turned into RGB without guessing."""
+
+
+def allow_large_images(allow: bool = True) -> None:
+    """Lift (or restore) Pillow's decompression-bomb limit for this process and the
+    DataLoader workers it starts (`--allow-large-images`)."""
+    Image.MAX_IMAGE_PIXELS = None if allow else _PIL_PIXEL_LIMIT
+
+
+_PIL_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS
+
+
+def open_image(path: str) -> Image.Image:
+    """`Image.open`, with images above Pillow's pixel limit refused by name instead of a
+    bare `DecompressionBombWarning` / `DecompressionBombError` (the limit guards against
+    files that decode into gigabytes; trusted large images pass with --allow-large-images)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            limit = Image.MAX_IMAGE_PIXELS or 0
+            raise ImageTooLargeError(
+                f"{path}: too large to decode safely ({err}; the limit is {limit / 1e6:.0f} Mpx); "
+                f"if you trust the file, pass --allow-large-images") from None
+
+
+#: 16-bit and wider single-channel modes: Pillow's convert("RGB") clips them at 255.
+_WIDE_GRAY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_rgb(im: Image.Image, path: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of any mode users bring.
+
+    * 1, L, P, LA, RGB, RGBA, CMYK, YCbCr (and 16-bit RGB TIFF, which Pillow reads
+      as RGB): Pillow's conversion; alpha is dropped.
+    * I;16 (16-bit grey): scaled by 255/65535.
+    * I (32-bit integers): values in 0-255 read as 8-bit, in 0-65535 as 16-bit;
+      anything else is refused (no single scale is right).
+    * F (32-bit float): values in [0, 1] are scaled by 255, values in [0, 255]
+      kept; anything else (or NaN) is refused.
+    """
+    mode = im.mode
+    if mode in _WIDE_GRAY or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not np.isfinite(a).all():
+            raise UnsupportedImageError(f"{path}: a {mode} image holding NaN or infinite values; "
+                                        f"save it as an 8- or 16-bit image")
+        if mode in _WIDE_GRAY:
+            scale = _WIDE_GRAY[mode]
+        elif lo >= 0 and hi <= (1.0 if mode == "F" else 255):
+            scale = 1.0 if mode == "F" else 255
+        elif lo >= 0 and hi <= 255 and mode == "F":
+            scale = 255
+        elif lo >= 0 and hi <= 65535 and mode == "I":
+            scale = 65535
+        else:
+            raise UnsupportedImageError(
+                f"{path}: a {mode} image with values from {lo:g} to {hi:g}, which fit no standard range "
+                f"({'[0, 1] or [0, 255]' if mode == 'F' else '0-255 or 0-65535'}); save it as an 8- or 16-bit image")
+        gray = np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    try:
+        return np.asarray(im.convert("RGB"))
+    except (ValueError, OSError) as err:
+        raise UnsupportedImageError(f"{path}: Pillow cannot convert a {mode} image to RGB ({err}); "
+                                    f"save it as RGB or greyscale") from None
+
+
 def read_mask(path: str, invert: bool = False) -> np.ndarray:
     """Bool (H, W): tampered where mean(RGB) > 127.5 (inverted with `invert`)."""
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    with open_image(path) as im:
+        rgb = to_rgb(im, path).astype(np.float32)
     m = rgb.mean(axis=2) > 127.5
     return ~m if invert else m
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """uint8 (H, W, 3) RGB, whatever the file's mode (see `to_rgb`)."""
+    with open_image(path) as im:
+        return to_rgb(im, path)
 
 
 def _mask_warnings(path: str, rgb: np.ndarray) -> list[str]:
@@ -165,12 +241,18 @@ def _mask_warnings(path: str, rgb: np.ndarray) -> list[str]:
 def _open(path: str, what: str, report: Report, missing_hint: str = "", read_rgb: bool = False):
     """(size, RGB array or None) of an image file, or None after recording why it cannot be read."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
-            return im.size, (np.asarray(im.convert("RGB")) if read_rgb else None)
+            if read_rgb:
+                return im.size, to_rgb(im, path)
+            if im.mode in ("I", "F"):  # decode now: their values may fit no range (an error before training)
+                to_rgb(im, path)
+            return im.size, None
     except FileNotFoundError:
         report.errors.append(f"{path}: {what} not found{missing_hint}")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (ImageTooLargeError, UnsupportedImageError) as err:
+        report.errors.append(str(err))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         report.errors.append(f"{path}: unreadable or corrupt {what} ({err}); re-export or remove it")
     return None
 
