@@ -4,8 +4,10 @@ The kernels are registered by the extension as `torch.ops.ncl_fast.pc_loss_fwd`
 (every scale in one launch: the loss, and float64 stats `[sum_E l, |E|, sum l]`
 per scale) and `torch.ops.ncl_fast.pc_loss_bwd` (every scale's gradient in one
 launch, its coefficients read from the stats on the device: no host
-synchronization). This module adds their fake (meta) kernels and autograd so
-`torch.compile` traces through them. CPU tensors run the extension's C++
+synchronization). The extension also registers the autograd of `pc_loss_fwd`
+in C++ (`csrc/pc_bce_autograd.cpp`): a forward and backward stay in the
+dispatcher, with no Python on the way. This module adds the fake (meta) kernels
+so `torch.compile` traces through them. CPU tensors run the extension's C++
 kernel, CUDA tensors its CUDA kernel.
 
 Loading: the extension built by `pip install` (`ncl_fast._C`); failing that, a
@@ -69,23 +71,6 @@ def _pc_loss_fwd_fake(logits, mask, mu, radius):
 @torch.library.register_fake("ncl_fast::pc_loss_bwd")
 def _pc_loss_bwd_fake(grad_loss, logits, mask, stats, mu, radius):
     return [torch.empty_like(z) for z in logits]
-
-
-def _pc_loss_setup(ctx, inputs, output):
-    logits, mask, mu, radius = inputs
-    ctx.save_for_backward(mask, output[1], *logits)
-    ctx.params = (mu, radius)
-
-
-def _pc_loss_backward(ctx, grad_loss, grad_stats):
-    mask, stats, *logits = ctx.saved_tensors
-    mu, radius = ctx.params
-    # the stats are a by-product for the backward: only the loss carries a gradient
-    grads = torch.ops.ncl_fast.pc_loss_bwd(grad_loss, logits, mask, stats, mu, radius)
-    return list(grads), None, None, None
-
-
-torch.library.register_autograd("ncl_fast::pc_loss_fwd", _pc_loss_backward, setup_context=_pc_loss_setup)
 
 
 def supports(device: torch.device) -> str | None:

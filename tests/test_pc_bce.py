@@ -259,3 +259,31 @@ def test_ext_build_info(ext):
     info = ext.BUILD_INFO
     assert isinstance(info["with_cuda"], bool) and info["torch_version"]
     assert info["torch_version"] == torch.__version__.split("+")[0]
+
+
+# ---- per-call overhead: the autograd is in C++, the checks run once per signature ---------------
+
+
+def test_ext_autograd_is_registered_in_cpp(ext, gen):
+    """`torch.ops.ncl_fast.pc_loss_fwd` differentiates by itself, through a C++ autograd node."""
+    dump = torch._C._dispatch_dump("ncl_fast::pc_loss_fwd")
+    autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
+    assert len(autograd) == 1 and ".cpp:" in autograd[0], dump  # not a Python (torch.library) kernel
+    mask = random_mask(2, 24, 16, "blobs", gen)
+    preds = [torch.randn(2, 1, 24 // s, 16 // s, generator=gen, requires_grad=True) for s in (4, 1)]
+    loss, stats = torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.8, 1)
+    assert "CppNode" in type(loss.grad_fn).__name__ or "CppNode" in loss.grad_fn.name()
+    assert stats.grad_fn is None and not stats.requires_grad  # only the loss carries a gradient
+    (2.5 * loss).backward()
+    leaves = [z.detach().clone().requires_grad_() for z in preds]
+    (2.5 * functional.pc_loss(leaves, mask, 0.8, 1, impl="reference")).backward()
+    for z, ref in zip(preds, leaves):
+        torch.testing.assert_close(z.grad, ref.grad, rtol=1e-5, atol=1e-9)
+    # no gradient needed: no graph
+    with torch.no_grad():
+        assert torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.8, 1)[0].grad_fn is None
+    # a prediction that needs no gradient gets none, the others do
+    frozen = [preds[0].detach(), preds[1].detach().requires_grad_()]
+    torch.ops.ncl_fast.pc_loss_fwd(frozen, mask, 0.8, 1)[0].backward()
+    assert frozen[0].grad is None and frozen[1].grad is not None
+
