@@ -81,23 +81,66 @@ def supports(device: torch.device) -> str | None:
     return f"the extension has no kernel for {device.type} tensors"
 
 
-def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.pc_loss`: every scale in one fused pass each way."""
+#: Input signatures (shapes, dtypes, devices of the mask and of every prediction)
+#: that passed the checks, each with the logits dtype of the launch (None: the
+#: predictions already share one). Validity depends on nothing else, so a
+#: training loop checks its inputs once, not on every step.
+_validated: dict[tuple, torch.dtype | None] = {}
+#: A bound on the cache (a new signature after that clears it).
+_MAX_VALIDATED = 256
+_pc_loss_fwd = None  # torch.ops.ncl_fast.pc_loss_fwd.default, looked up on first use
+
+
+def _signature(logits_list: list, mask: torch.Tensor) -> tuple | None:
+    """The cache key of a call, or None where an argument is not a tensor."""
+    if not isinstance(mask, torch.Tensor) or not all(isinstance(z, torch.Tensor) for z in logits_list):
+        return None
+    return (mask.shape, mask.dtype, mask.device, *[(z.shape, z.dtype, z.device) for z in logits_list])
+
+
+def _check_inputs(logits_list: list, mask: torch.Tensor) -> torch.dtype | None:
+    """The shared checks (one message whatever the backend); the dtype to promote the logits to, if any."""
     _checks.check_mask(mask)
-    _checks.check_pc_args(mu, radius)
-    logits_list = list(logits_list)
     if len(logits_list) == 0:
         raise ValueError("pc_loss needs at least one prediction; pass the model's logits list")
     for z in logits_list:
         _checks.check_logits(z, mask)
     if len({z.dtype for z in logits_list}) > 1:  # one launch reads one dtype
-        common = functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
+        return functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
+    return None
+
+
+def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
+    """Same contract as `ncl_fast.reference.pc_loss`: every scale in one fused pass each way.
+
+    The per-call Python work is kept small (the kernels take microseconds): the
+    checks run once per input signature, and the op's autograd is in C++.
+    """
+    global _pc_loss_fwd
+    _checks.check_pc_args(mu, radius)
+    logits_list = list(logits_list)
+    if torch.compiler.is_compiling():  # traced once: no cache in the graph
+        common = _check_inputs(logits_list, mask)
+    else:
+        key = _signature(logits_list, mask)
+        if key is not None and key in _validated:
+            common = _validated[key]
+        else:
+            common = _check_inputs(logits_list, mask)
+            if len(_validated) >= _MAX_VALIDATED:
+                _validated.clear()
+            _validated[key] = common
+    if common is not None:
         logits_list = [z.to(common) for z in logits_list]
     if mask.dtype not in MASK_DTYPES:
         mask = mask > 0.5
+    if _pc_loss_fwd is None:
+        _pc_loss_fwd = torch.ops.ncl_fast.pc_loss_fwd.default
+    if len(logits_list) <= MAX_SCALES:  # the usual case: one call
+        return _pc_loss_fwd(logits_list, mask, float(mu), radius)[0]
     total = None
     for start in range(0, len(logits_list), MAX_SCALES):  # one call covers up to 4 scales
-        loss, _ = torch.ops.ncl_fast.pc_loss_fwd(logits_list[start : start + MAX_SCALES], mask, float(mu), radius)
+        loss = _pc_loss_fwd(logits_list[start : start + MAX_SCALES], mask, float(mu), radius)[0]
         total = loss if total is None else total + loss
     return total
 
