@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import bench_ms, device_header, fmt_q, irregular_masks, table  # noqa: E402
+from _harness import bench_ms, device_header, irregular_masks, table  # noqa: E402
 
 from ncl_fast import functional  # noqa: E402
 
@@ -162,7 +162,7 @@ def gpu_main(args) -> None:
                 rows.append([
                     str(mask_dtype)[6:], str(dtype)[6:], name, f"{eager[1] * 1e3:.1f} ({eager[0] * 1e3:.1f}-{eager[2] * 1e3:.1f})",
                     f"{host:.1f}", f"{dev_us:.1f}", f"{kernels:.0f}",
-                    fmt_q(graph).replace(".000", "") if graph else "-",
+                    f"{graph[1]:.1f} ({graph[0]:.1f}-{graph[2]:.1f})" if graph else "-",
                     f"{ref[0][1] / eager[1]:.1f}x" if ref else "-",
                     f"{ref[2] / dev_us:.1f}x" if ref else "-",
                     f"{floor / (dev_us * 1e-6) / 1e9:.0f}",

@@ -88,7 +88,7 @@ def supports(device: torch.device) -> str | None:
 _validated: dict[tuple, torch.dtype | None] = {}
 #: A bound on the cache (a new signature after that clears it).
 _MAX_VALIDATED = 256
-_pc_loss_fwd = None  # torch.ops.ncl_fast.pc_loss_fwd.default, looked up on first use
+_pc_loss_fwd = torch.ops.ncl_fast.pc_loss_fwd.default  # the overload itself: no packet resolution per call
 
 
 def _signature(logits_list: list, mask: torch.Tensor) -> tuple | None:
@@ -116,7 +116,6 @@ def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float =
     The per-call Python work is kept small (the kernels take microseconds): the
     checks run once per input signature, and the op's autograd is in C++.
     """
-    global _pc_loss_fwd
     _checks.check_pc_args(mu, radius)
     logits_list = list(logits_list)
     if torch.compiler.is_compiling():  # traced once: no cache in the graph
@@ -134,8 +133,6 @@ def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float =
         logits_list = [z.to(common) for z in logits_list]
     if mask.dtype not in MASK_DTYPES:
         mask = mask > 0.5
-    if _pc_loss_fwd is None:
-        _pc_loss_fwd = torch.ops.ncl_fast.pc_loss_fwd.default
     if len(logits_list) <= MAX_SCALES:  # the usual case: one call
         return _pc_loss_fwd(logits_list, mask, float(mu), radius)[0]
     total = None
