@@ -4,8 +4,10 @@ The kernels are registered by the extension as `torch.ops.ncl_fast.pc_loss_fwd`
 (every scale in one launch: the loss, and float64 stats `[sum_E l, |E|, sum l]`
 per scale) and `torch.ops.ncl_fast.pc_loss_bwd` (every scale's gradient in one
 launch, its coefficients read from the stats on the device: no host
-synchronization). This module adds their fake (meta) kernels and autograd so
-`torch.compile` traces through them. CPU tensors run the extension's C++
+synchronization). The extension also registers the autograd of `pc_loss_fwd`
+in C++ (`csrc/pc_bce_autograd.cpp`): a forward and backward stay in the
+dispatcher, with no Python on the way. This module adds the fake (meta) kernels
+so `torch.compile` traces through them. CPU tensors run the extension's C++
 kernel, CUDA tensors its CUDA kernel.
 
 Loading: the extension built by `pip install` (`ncl_fast._C`); failing that, a
@@ -71,23 +73,6 @@ def _pc_loss_bwd_fake(grad_loss, logits, mask, stats, mu, radius):
     return [torch.empty_like(z) for z in logits]
 
 
-def _pc_loss_setup(ctx, inputs, output):
-    logits, mask, mu, radius = inputs
-    ctx.save_for_backward(mask, output[1], *logits)
-    ctx.params = (mu, radius)
-
-
-def _pc_loss_backward(ctx, grad_loss, grad_stats):
-    mask, stats, *logits = ctx.saved_tensors
-    mu, radius = ctx.params
-    # the stats are a by-product for the backward: only the loss carries a gradient
-    grads = torch.ops.ncl_fast.pc_loss_bwd(grad_loss, logits, mask, stats, mu, radius)
-    return list(grads), None, None, None
-
-
-torch.library.register_autograd("ncl_fast::pc_loss_fwd", _pc_loss_backward, setup_context=_pc_loss_setup)
-
-
 def supports(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None
@@ -96,23 +81,63 @@ def supports(device: torch.device) -> str | None:
     return f"the extension has no kernel for {device.type} tensors"
 
 
-def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.pc_loss`: every scale in one fused pass each way."""
+#: Input signatures (shapes, dtypes, devices of the mask and of every prediction)
+#: that passed the checks, each with the logits dtype of the launch (None: the
+#: predictions already share one). Validity depends on nothing else, so a
+#: training loop checks its inputs once, not on every step.
+_validated: dict[tuple, torch.dtype | None] = {}
+#: A bound on the cache (a new signature after that clears it).
+_MAX_VALIDATED = 256
+_pc_loss_fwd = torch.ops.ncl_fast.pc_loss_fwd.default  # the overload itself: no packet resolution per call
+
+
+def _signature(logits_list: list, mask: torch.Tensor) -> tuple | None:
+    """The cache key of a call, or None where an argument is not a tensor."""
+    if not isinstance(mask, torch.Tensor) or not all(isinstance(z, torch.Tensor) for z in logits_list):
+        return None
+    return (mask.shape, mask.dtype, mask.device, *[(z.shape, z.dtype, z.device) for z in logits_list])
+
+
+def _check_inputs(logits_list: list, mask: torch.Tensor) -> torch.dtype | None:
+    """The shared checks (one message whatever the backend); the dtype to promote the logits to, if any."""
     _checks.check_mask(mask)
-    _checks.check_pc_args(mu, radius)
-    logits_list = list(logits_list)
     if len(logits_list) == 0:
         raise ValueError("pc_loss needs at least one prediction; pass the model's logits list")
     for z in logits_list:
         _checks.check_logits(z, mask)
     if len({z.dtype for z in logits_list}) > 1:  # one launch reads one dtype
-        common = functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
+        return functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
+    return None
+
+
+def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
+    """Same contract as `ncl_fast.reference.pc_loss`: every scale in one fused pass each way.
+
+    The per-call Python work is kept small (the kernels take microseconds): the
+    checks run once per input signature, and the op's autograd is in C++.
+    """
+    _checks.check_pc_args(mu, radius)
+    logits_list = list(logits_list)
+    if torch.compiler.is_compiling():  # traced once: no cache in the graph
+        common = _check_inputs(logits_list, mask)
+    else:
+        key = _signature(logits_list, mask)
+        if key is not None and key in _validated:
+            common = _validated[key]
+        else:
+            common = _check_inputs(logits_list, mask)
+            if len(_validated) >= _MAX_VALIDATED:
+                _validated.clear()
+            _validated[key] = common
+    if common is not None:
         logits_list = [z.to(common) for z in logits_list]
     if mask.dtype not in MASK_DTYPES:
         mask = mask > 0.5
+    if len(logits_list) <= MAX_SCALES:  # the usual case: one call
+        return _pc_loss_fwd(logits_list, mask, float(mu), radius)[0]
     total = None
     for start in range(0, len(logits_list), MAX_SCALES):  # one call covers up to 4 scales
-        loss, _ = torch.ops.ncl_fast.pc_loss_fwd(logits_list[start : start + MAX_SCALES], mask, float(mu), radius)
+        loss = _pc_loss_fwd(logits_list[start : start + MAX_SCALES], mask, float(mu), radius)[0]
         total = loss if total is None else total + loss
     return total
 

@@ -8,7 +8,7 @@ import shutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/pc_bce_cpu.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/pc_bce_autograd.cpp", "csrc/cpu/pc_bce_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/pc_bce_cuda.cu"]
 
 

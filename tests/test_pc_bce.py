@@ -259,3 +259,100 @@ def test_ext_build_info(ext):
     info = ext.BUILD_INFO
     assert isinstance(info["with_cuda"], bool) and info["torch_version"]
     assert info["torch_version"] == torch.__version__.split("+")[0]
+
+
+# ---- per-call overhead: the autograd is in C++, the checks run once per signature ---------------
+
+
+def test_ext_autograd_is_registered_in_cpp(ext, gen):
+    """`torch.ops.ncl_fast.pc_loss_fwd` differentiates by itself, through a C++ autograd node."""
+    dump = torch._C._dispatch_dump("ncl_fast::pc_loss_fwd")
+    autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
+    assert len(autograd) == 1 and ".cpp:" in autograd[0], dump  # not a Python (torch.library) kernel
+    mask = random_mask(2, 24, 16, "blobs", gen)
+    preds = [torch.randn(2, 1, 24 // s, 16 // s, generator=gen, requires_grad=True) for s in (4, 1)]
+    loss, stats = torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.8, 1)
+    assert "CppNode" in type(loss.grad_fn).__name__ or "CppNode" in loss.grad_fn.name()
+    assert stats.grad_fn is None and not stats.requires_grad  # only the loss carries a gradient
+    (2.5 * loss).backward()
+    leaves = [z.detach().clone().requires_grad_() for z in preds]
+    (2.5 * functional.pc_loss(leaves, mask, 0.8, 1, impl="reference")).backward()
+    for z, ref in zip(preds, leaves):
+        torch.testing.assert_close(z.grad, ref.grad, rtol=1e-5, atol=1e-9)
+    # no gradient needed: no graph
+    with torch.no_grad():
+        assert torch.ops.ncl_fast.pc_loss_fwd(preds, mask, 0.8, 1)[0].grad_fn is None
+    # a prediction that needs no gradient gets none, the others do
+    frozen = [preds[0].detach(), preds[1].detach().requires_grad_()]
+    torch.ops.ncl_fast.pc_loss_fwd(frozen, mask, 0.8, 1)[0].backward()
+    assert frozen[0].grad is None and frozen[1].grad is not None
+
+
+def test_ext_per_call_work_is_bounded(ext, gen):
+    """One fwd+bwd of the public API: one op each way and little Python, counted (never timed).
+
+    Before the autograd moved to C++, a call ran ~200 Python functions inside torch
+    (torch.library's autograd.Function, pytree) and ~35 in ncl_fast."""
+    import collections
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    mask = random_mask(2, 32, 32, "blobs", gen)
+    preds = [torch.randn(2, 1, 32 // s, 32 // s, generator=gen, requires_grad=True) for s in (8, 4, 1)]
+
+    def step():
+        for z in preds:
+            z.grad = None
+        functional.pc_loss(preds, mask, 0.9, 2, impl="cuda").backward()
+
+    step()  # the first call of a signature runs the checks
+    with CountOps() as counted:
+        step()
+    ops = counted.ops
+    assert ops["ncl_fast.pc_loss_fwd"] == 1 and ops["ncl_fast.pc_loss_bwd"] == 1, ops
+    # the rest is the autograd engine's own: the seed gradient and one detach per leaf with
+    # torch 2.14 (6 in all); a margin of 2 for other versions' engines
+    assert sum(ops.values()) <= 8, ops
+    calls = collections.Counter()
+
+    def count(frame, event, arg):
+        if event == "call":
+            path = frame.f_code.co_filename.replace("\\", "/")
+            calls["ncl_fast" if "/ncl_fast/" in path else "torch" if "/torch/" in path else "other"] += 1
+
+    sys.setprofile(count)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    assert calls["ncl_fast"] <= 20, calls  # 16 with torch 2.14
+    assert calls["torch"] <= 40, calls  # Tensor.backward and torch.autograd.backward; 13 with torch 2.14
+
+
+def test_ext_checks_still_run_for_a_known_signature(ext, gen):
+    mask = random_mask(2, 16, 16, "blobs", gen)
+    z = torch.randn(2, 1, 8, 8, generator=gen)
+    functional.pc_bce(z, mask, impl="cuda")  # this signature is now known valid
+    with pytest.raises(ValueError, match="mu must be in"):
+        functional.pc_bce(z, mask, mu=1.5, impl="cuda")
+    with pytest.raises(ValueError, match="radius must be a non-negative"):
+        functional.pc_bce(z, mask, radius=-1, impl="cuda")
+    with pytest.raises(ValueError, match="different devices"):
+        functional.pc_bce(z.to("meta"), mask, impl="cuda")
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        functional.pc_bce(z[:1], mask, impl="cuda")
+    # a known mixed-dtype signature is still promoted
+    mixed = [z.bfloat16(), torch.randn(2, 1, 16, 16, generator=gen)]
+    want = functional.pc_loss([m.float() for m in mixed], mask, impl="reference")
+    for _ in range(2):
+        torch.testing.assert_close(functional.pc_loss(mixed, mask, impl="cuda"), want)

@@ -148,8 +148,8 @@ std::vector<at::Tensor> pc_loss_bwd_cpu(const at::Tensor& grad_loss, at::TensorL
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == S && stats.size(1) == 3,
                     "pc_loss_bwd: stats must have shape (", S, ", 3), got ", stats.sizes());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pc_loss_bwd: grad_loss must be a scalar");
-  const auto st = stats.to(at::kDouble).contiguous();
-  const double g = grad_loss.to(at::kDouble).item<double>();
+  const auto st = stats.to(at::kDouble).contiguous();  // no copy for the float64 stats of pc_loss_fwd
+  const double g = grad_loss.item<double>();
   std::vector<at::Tensor> grads;
   for (int64_t s = 0; s < S; ++s) {
     const double n = double(geoms[s].batch * geoms[s].out_h * geoms[s].out_w);

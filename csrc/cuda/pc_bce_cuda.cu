@@ -7,10 +7,12 @@
 // (each cell reads its s_y x s_x mask window once), finds the contour band with
 // two separable passes (row windows, then column windows, each an OR of "saw a
 // 0" / "saw a 1" bits), and then each thread handles one prediction pixel.
-// Forward: per-block partial sums (warp shuffles, fixed order) go to a buffer
-// that one more block adds up per scale in float64 in a fixed order, and turns
-// into the loss: the result is the same bit for bit from run to run (no float
-// atomics). Backward: one pass writing (sigmoid(z) - g) * (c_band [in E] + c_all),
+// Forward: per-block partial sums (warp shuffles, fixed order) go to a buffer;
+// the last block to finish (an integer counter, zeroed by a memset before the
+// launch) adds them up per scale in float64 in a fixed order and turns them into
+// the loss: one launch, and the result is the same bit for bit from run to run
+// (no float atomics; which block comes last changes nothing in the order of the
+// sums). Backward: one pass writing (sigmoid(z) - g) * (c_band [in E] + c_all),
 // the coefficients read from the stats and grad_loss on the device.
 #include <ATen/AccumulateType.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,8 +38,6 @@ constexpr int kWarps = kThreads / 32;
 // Halo bytes at r: (8 + 2r)(32 + 2r) + (8 + 2r) 32; r = 64 needs 26 KiB, inside
 // the 48 KiB of shared memory any launch may use without opting in.
 constexpr int64_t kMaxRadius = 64;
-// Threads of the final reduction over the per-block partial sums.
-constexpr int kReduceThreads = 256;
 
 struct Strides {
   int64_t b, y, x;
@@ -169,9 +169,66 @@ __device__ __forceinline__ Pixel visit_pixel(const Scales<scalar_t>& sc, const m
   return px;
 }
 
-template <typename scalar_t, typename mask_t>
-__global__ void __launch_bounds__(kThreads) pc_loss_stats_kernel(Scales<scalar_t> sc, const mask_t* __restrict__ mask,
-                                                                 Strides ms, double* __restrict__ partials) {
+struct ReduceArgs {
+  int64_t first_block[kMaxScales + 1];  // scale k owns blocks [first_block[k], first_block[k + 1])
+  double numel[kMaxScales];             // B * h_o * w_o
+  int n;
+};
+
+// Run by every thread of the stats kernel's last block: stats[k] = the sums of
+// scale k's partials (float64, a fixed order: thread t adds blocks t, t + 256,
+// ... in order, then the warp sums in order) and the loss from them.
+// Not inlined: its float64 registers would otherwise count against every block
+// of the launch (inlined, the stats kernel took 40 registers, 6 blocks of 256
+// threads per SM; with this call it keeps the 32 of its two-launch form, 8 blocks).
+template <typename loss_t>
+__device__ __noinline__ void reduce_partials(const double* partials, const ReduceArgs& ra, double mu, double* __restrict__ stats,
+                                loss_t* __restrict__ loss) {
+  __shared__ double warp_acc[3][kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double total_loss = 0;  // meaningful in thread 0
+  // Unrolled over the largest scale count, so that ra's arrays are indexed by
+  // constants: a dynamic index would copy the struct to local memory (a stack
+  // frame) in every block of the launch, not only in the last one.
+#pragma unroll
+  for (int k = 0; k < kMaxScales; ++k) {
+    if (k >= ra.n) break;  // the same for every thread of the block
+    // (the q loops are unrolled so that acc and sums stay in registers)
+    double acc[3] = {0, 0, 0};
+    for (int64_t i = ra.first_block[k] + threadIdx.x; i < ra.first_block[k + 1]; i += kThreads) {
+#pragma unroll
+      for (int q = 0; q < 3; ++q) acc[q] += __ldcg(partials + i * 3 + q);  // from L2: other blocks wrote them
+    }
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+      acc[q] = warp_sum(acc[q]);
+      if (lane == 0) warp_acc[q][warp] = acc[q];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sums[3] = {0, 0, 0};
+#pragma unroll
+      for (int q = 0; q < 3; ++q)
+        for (int w = 0; w < kWarps; ++w) sums[q] += warp_acc[q][w];
+      const double band_sum = sums[0], band_n = sums[1], sum = sums[2];
+      stats[3 * k] = band_sum;
+      stats[3 * k + 1] = band_n;
+      stats[3 * k + 2] = sum;
+      total_loss += (band_n > 0 ? mu * band_sum / band_n : 0.0) + (1 - mu) * sum / ra.numel[k];
+    }
+    __syncthreads();  // warp_acc is reused by the next scale
+  }
+  if (threadIdx.x == 0) *loss = static_cast<loss_t>(total_loss);
+}
+
+// partials: (gridDim.x, 3) float64, written here; blocks_done: 0 at launch.
+// 8 blocks per SM (2048 threads, the SM's limit): 32 registers, which ptxas
+// meets with no spills (sm_80, sm_90).
+template <typename scalar_t, typename mask_t, typename loss_t>
+__global__ void __launch_bounds__(kThreads, 8)
+    pc_loss_stats_kernel(Scales<scalar_t> sc, const mask_t* __restrict__ mask, Strides ms, double* partials,
+                         unsigned int* blocks_done, ReduceArgs ra, double mu, double* __restrict__ stats,
+                         loss_t* __restrict__ loss) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
   const Pixel px = visit_pixel(sc, mask, ms, smem);
@@ -187,7 +244,7 @@ __global__ void __launch_bounds__(kThreads) pc_loss_stats_kernel(Scales<scalar_t
       band_n = 1;
     }
   }
-  // Block sum in a fixed order: warp shuffles, then one thread per quantity over the warps.
+  // 1. Block sum in a fixed order: warp shuffles, then one thread per quantity over the warps.
   __shared__ acc_t warp_part[3][kWarps];
   band_sum = warp_sum(band_sum);
   band_n = warp_sum(band_n);
@@ -204,43 +261,17 @@ __global__ void __launch_bounds__(kThreads) pc_loss_stats_kernel(Scales<scalar_t
     for (int w = 0; w < kWarps; ++w) sum += static_cast<double>(warp_part[threadIdx.x][w]);
     partials[int64_t(blockIdx.x) * 3 + threadIdx.x] = sum;
   }
-}
-
-struct ReduceArgs {
-  int64_t first_block[kMaxScales + 1];  // scale k owns blocks [first_block[k], first_block[k + 1])
-  double numel[kMaxScales];             // B * h_o * w_o
-  int n;
-};
-
-// stats[k] = per-scale sums of the partials (float64, fixed order); loss from them.
-template <typename loss_t>
-__global__ void __launch_bounds__(kReduceThreads) pc_loss_reduce_kernel(const double* __restrict__ partials,
-                                                                        ReduceArgs ra, double mu,
-                                                                        double* __restrict__ stats,
-                                                                        loss_t* __restrict__ loss) {
-  __shared__ double part[3][kReduceThreads];
-  double total_loss = 0;
-  for (int k = 0; k < ra.n; ++k) {
-    double acc[3] = {0, 0, 0};
-    for (int64_t i = ra.first_block[k] + threadIdx.x; i < ra.first_block[k + 1]; i += kReduceThreads)
-      for (int q = 0; q < 3; ++q) acc[q] += partials[i * 3 + q];
-    for (int q = 0; q < 3; ++q) part[q][threadIdx.x] = acc[q];
-    __syncthreads();
-    for (int width = kReduceThreads / 2; width > 0; width /= 2) {
-      if (threadIdx.x < width)
-        for (int q = 0; q < 3; ++q) part[q][threadIdx.x] += part[q][threadIdx.x + width];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-      const double band_sum = part[0][0], band_n = part[1][0], sum = part[2][0];
-      stats[3 * k] = band_sum;
-      stats[3 * k + 1] = band_n;
-      stats[3 * k + 2] = sum;
-      total_loss += (band_n > 0 ? mu * band_sum / band_n : 0.0) + (1 - mu) * sum / ra.numel[k];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *loss = static_cast<loss_t>(total_loss);
+  // 2. Count this block as done; the last one adds up every partial. The fence
+  // orders this block's partial stores before its count (the CUDA programming
+  // guide's last-block pattern, threadFenceReduction).
+  __shared__ bool last_block;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  reduce_partials(partials, ra, mu, stats, loss);
 }
 
 template <typename scalar_t, typename mask_t, typename loss_t>
@@ -315,16 +346,17 @@ std::tuple<at::Tensor, at::Tensor> pc_loss_fwd_cuda(at::TensorList logits, const
     Scales<scalar_t> sc;
     ReduceArgs ra;
     const int64_t blocks = make_scales<scalar_t>(logits, geoms, nullptr, &sc, &ra);
-    auto partials = at::empty({blocks, 3}, logits[0].options().dtype(at::kDouble));
+    using loss_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // (blocks, 3) partial sums, then one float64 slot whose first 4 bytes count the finished blocks
+    auto partials = at::empty({blocks * 3 + 1}, logits[0].options().dtype(at::kDouble));
+    auto* blocks_done = reinterpret_cast<unsigned int*>(partials.data_ptr<double>() + blocks * 3);
+    C10_CUDA_CHECK(cudaMemsetAsync(blocks_done, 0, sizeof(unsigned int), stream));
     NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_fwd", [&] {
-      pc_loss_stats_kernel<scalar_t, mask_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-          sc, mask.data_ptr<mask_t>(), strides_of(mask), partials.data_ptr<double>());
+      pc_loss_stats_kernel<scalar_t, mask_t, loss_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+          sc, mask.data_ptr<mask_t>(), strides_of(mask), partials.data_ptr<double>(), blocks_done, ra, mu,
+          stats.data_ptr<double>(), loss.data_ptr<loss_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    using loss_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    pc_loss_reduce_kernel<loss_t><<<1, kReduceThreads, 0, stream>>>(partials.data_ptr<double>(), ra, mu,
-                                                                    stats.data_ptr<double>(), loss.data_ptr<loss_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
 }
