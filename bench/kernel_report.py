@@ -143,6 +143,12 @@ def sass_mma(cubin: bytes) -> dict:
         "HMMA": len(re.findall(r"\bHMMA\b", sass)),
         "FFMA": len(re.findall(r"\bFFMA\b", sass)),
         "LDL/STL": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        # global loads by width: LDG.E.128 / .64 / 32-bit / 16- and 8-bit; LDGSTS = cp.async
+        "LDG128": len(re.findall(r"\bLDG\.E(?:\.\w+)*\.128\b", sass)),
+        "LDG64": len(re.findall(r"\bLDG\.E(?:\.\w+)*\.64\b", sass)),
+        "LDG16": len(re.findall(r"\bLDG\.E(?:\.\w+)*\.(?:U16|S16|U8|S8)\b", sass)),
+        "LDG": len(re.findall(r"\bLDG\.E\b", sass)),
+        "LDGSTS": len(re.findall(r"\bLDGSTS\b", sass)),
     }
 
 
@@ -192,7 +198,7 @@ def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
                             ck = compile_launch(kernel, args, kwargs, arch)
                         except Exception as err:  # report every failure, then fail
                             problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: {type(err).__name__}: {err}")
-                            rows.append([kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", ""])
+                            rows.append([kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", "", ""])
                             continue
                         key = (kernel.__name__, arch, ck.hash)
                         if key not in seen:
@@ -208,6 +214,7 @@ def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
                             f"{rep['spill_stores']}/{rep['spill_loads']}", rep["stack"],
                             f"{md.shared / 1024:.1f}", f"{md.num_warps}w x{md.num_stages}",
                             f"{matrix} ({mma['HGMMA']} HGMMA, {mma['HMMA']} HMMA, {mma['FFMA']} FFMA)",
+                            f"{mma['LDG128']}/{mma['LDG64']}/{mma['LDG']}/{mma['LDG16']}, {mma['LDGSTS']}",
                         ])
     return rows, problems
 
@@ -274,7 +281,7 @@ def main() -> None:
     rows, problems = triton_rows(archs, args.kernels, args.stages.split(","),
                                  [getattr(torch, d) for d in args.dtypes.split(",")])
     print(table(["kernel", "variant", "arch", "registers", "spill st/ld B", "stack B", "smem KiB", "warps x stages",
-                 "matrix instructions"], rows))
+                 "matrix instructions", "global loads 128/64/32/16-bit, cp.async"], rows))
     ext_rows = []
     if not args.no_cuda_ext:
         ext_rows, ext_problems = cuda_ext_rows(archs)

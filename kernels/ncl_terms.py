@@ -192,7 +192,7 @@ def _ncl_stats_fwd_kernel(
     plan_ptr,  # (B, 2) int64 out: workspace offset of the image's block, 1 if stored
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_, D, inv_tau, eps, budget,
+    L, Q, C, P_: tl.constexpr, D, inv_tau, eps, budget,
     BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -259,7 +259,7 @@ def _ncl_sim_kernel(
     feat_ptr, perm_ptr, counts_ptr, nrm_ptr, plan_ptr,
     ws_ptr,  # fp32 workspace out: S of each stored image, row-major (|P|, |P| + |N|)
     stride_fb, stride_fc, stride_fy, stride_fx,
-    L, Q, C, P_, D, n_tn, inv_tau, eps,
+    L, Q, C, P_: tl.constexpr, D, n_tn, inv_tau, eps,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -415,7 +415,7 @@ def _ncl_grad_kernel(
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_, D, n_tx, inv_tau, eps,
+    L, Q, C, P_: tl.constexpr, D, n_tx, inv_tau, eps,
     BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -505,7 +505,7 @@ def _ncl_pair_fwd_kernel(
     w_ptr,  # (B, L) fp32 out: W_m = sum_{j != m} sigmoid(lam_m - s_mj)
     part_ptr,  # (B, n_row_blocks) fp32 out: sum over the block's rows of sum_j softplus(...)
     stride_fb, stride_fc, stride_fy, stride_fx,
-    L, Q, C, P_, D, n_blocks, inv_tau, eps,
+    L, Q, C, P_: tl.constexpr, D, n_blocks, inv_tau, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -633,7 +633,7 @@ def _ncl_pair_bwd_kernel(
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_, D, n_tx, inv_tau, eps,
+    L, Q, C, P_: tl.constexpr, D, n_tx, inv_tau, eps,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, COEF_PRECISION: tl.constexpr,
 ):
@@ -736,7 +736,7 @@ def _ncl_anchor_bwd_kernel(
     dots_ptr,  # (B, RS, 2) fp32 out: sum over the split's patches of c_x s(a, x), per anchor
     perm_ptr, counts_ptr, nrm_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr,
     stride_fb, stride_fc, stride_fy, stride_fx,
-    L, Q, C, P_, D, n_td, rows_per_split, eps,
+    L, Q, C, P_: tl.constexpr, D, n_td, rows_per_split, eps,
     RS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
     """Both anchors' gradients, first half: one chunk of D and one split of the patch
