@@ -27,7 +27,7 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     shapes = [(4, 64, 256, 256, 8, 2), (4, 256, 128, 128, 4, 4), (3, 8, 36, 28, 4, 2), (2, 16, 16, 24, 2, 4)]
     for B, C, h, w, p, s in shapes:
-        k.SIM_BUDGET = 0.0 if args.path == "bounded" else (0.09 if h >= 128 else 64.0)
+        k.SIM_BUDGET = 0.0 if args.path == "bounded" else (k.SIM_BUDGET if h >= 128 else 64.0)
         mask = (torch.rand(B, 1, h * s, w * s, device=dev, generator=g) > 0.7).float()
         mask[:, :, : h * s // 3] = 1.0
         mask[:, :, -(h * s // 3):] = 0.0

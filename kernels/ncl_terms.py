@@ -39,13 +39,14 @@ Two paths, chosen per image on the device (no host synchronization):
   backward recomputes each similarity tile per chunk of D (D / BLOCK_D times).
   It runs the images whose blocks do not fit in the workspace.
 
-The workspace is `SIM_BUDGET` (default 0.09, env `NCL_FAST_SIM_BUDGET`) times
-the feature map's bytes, allocated whatever the masks (its size must be known
-without reading the counts). Images are placed in batch order; an image whose
-block does not fit, and every later image that does not, take the bounded path.
+The workspace is `SIM_BUDGET` (default 0.075, env `NCL_FAST_SIM_BUDGET`) times
+the feature map's bytes (with the op's other buffers, under 10 % of the map),
+allocated whatever the masks (its size must be known without reading the
+counts). Images are placed first-fit in batch order; an image whose block does
+not fit after the stored ones takes the bounded path.
 At the paper's stage 1 and 2 (L = 1024, D = 4096) a block is at most 25 % of
-one image's fp32 map (L^2 fp32 vs C h w values), 9 % of a typical one at 15 %
-tampered area; `SIM_BUDGET = 0` forces the bounded path for every image.
+one image's fp32 map (L^2 fp32 vs C h w values), about 2 % at 15 % tampered
+area; `SIM_BUDGET = 0` forces the bounded path for every image.
 
 Precision. Similarities: bf16/fp16 features go to the tensor cores as they are
 (products exact in the fp32 accumulator); fp32 features use
@@ -120,7 +121,7 @@ ANCHOR_SPLITS = 4
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "tf32x3")
-SIM_BUDGET = float(os.environ.get("NCL_FAST_SIM_BUDGET", "0.09"))
+SIM_BUDGET = float(os.environ.get("NCL_FAST_SIM_BUDGET", "0.075"))
 EPS = 1e-12  # the F.normalize clamp of SPEC section 3
 
 

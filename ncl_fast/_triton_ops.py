@@ -146,11 +146,16 @@ def _(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, nrm, nrma, sa, lse
 def _ncl_setup(ctx, inputs, output):
     feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau = inputs
     _, counts, perm, *saved = output
+    # only `terms` is differentiable: no zero gradients for the other outputs (the
+    # workspace alone is SIM_BUDGET x the feature map)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(feat, anchor_pos, anchor_neg, counts, perm, *saved)
     ctx.geometry = (patch, rows, cols, tau)
 
 
 def _ncl_backward(ctx, grad_terms, *unused_grads):
+    if grad_terms is None:  # nothing downstream used the terms
+        return None, None, None, None, None, None, None, None
     feat, anchor_pos, anchor_neg, counts, perm, *saved = ctx.saved_tensors
     patch, rows, cols, tau = ctx.geometry
     g_feat, g_pos, g_neg = _ncl_terms_bwd_op(

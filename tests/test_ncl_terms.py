@@ -387,3 +387,32 @@ def test_every_covered_cell_is_written(impl, gen, monkeypatch):
     flags = (labels == 2).float()[:, None, :].expand(2, 2 * 2 * 2, 100)
     cells = torch.nn.functional.fold(flags, output_size=(20, 20), kernel_size=2, stride=2).expand_as(g_feat) > 0
     assert (g_feat[cells] == 0).all() and (g_feat[~cells] != 0).any()
+
+
+def test_backward_makes_no_zero_gradients_for_the_saved_outputs(gen, monkeypatch):
+    # Only `terms` is differentiable: autograd must not materialize a zero gradient for
+    # the workspace (SIM_BUDGET x the feature map) or the other saved outputs.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+
+    class Zeros(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default,
+                        torch.ops.aten.new_zeros.default):
+                self.sizes += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    feat, labels, a_pos, a_neg = make_case((2, 3, 8, 8, 2), "blobs", gen)
+    leaves = [t.clone().requires_grad_() for t in (feat, a_pos, a_neg)]
+    terms = functional.ncl_terms(leaves[0], labels, leaves[1], leaves[2], 2, impl="triton")
+    with Zeros() as z:
+        terms.sum().backward()
+    assert k.workspace_elems(feat) > 1000
+    assert not [n for n in z.sizes if n > 16], f"zero-filled buffers of {z.sizes} elements in the backward"
