@@ -105,6 +105,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_ncl_loss.py needs a CUDA device")
     dev = torch.device("cuda")
+    # the backward is timed alone with retain_graph=True, which compiled graphs with
+    # donated buffers refuse
+    torch._functorch.config.donated_buffer = False
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference in true fp32, like the kernels' default
     print(device_header())
     mask = irregular_masks(args.batch, args.size, args.size, (0.05, 0.30), seed=0, device=dev)
