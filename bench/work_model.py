@@ -88,7 +88,8 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
                 cdiv(p, k.GRAD_BX) * a_cols + cdiv(p + n, k.GRAD_BX) * b_cols))
         g_bytes += L * D * esize + (p + n) * D * esize  # the gradient written, f_x read
     out.append(Launch("_ncl_grad_kernel", g_progs, g_working, g_macs, g_bytes, g_dot))
-    nb_td = cdiv(D, k.BLOCK_D)
+    bd = k.BLOCK_D_F32_BOUNDED if fp32 else k.BLOCK_D
+    nb_td = cdiv(D, bd)
     pb_working, pb_macs, pb_bytes, pb_dot = 0, 0, 0, 0
     bkw = k.BLOCK_K_F32_BOUNDED if fp32 else k.BLOCK_K
     for (p, n, _), s, ok in zip(counts, stored, t1):
@@ -103,7 +104,7 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
                 y_end = p + n if t * k.BLOCK_M < p else p
                 steps = cdiv(y_end, k.BLOCK_N)
                 # each step: a similarity tile over the whole D, then T @ F on the chunk
-                pb_macs += nb_td * steps * k.BLOCK_M * k.BLOCK_N * (cdiv(D, bkw) * bkw + k.BLOCK_D)
+                pb_macs += nb_td * steps * k.BLOCK_M * k.BLOCK_N * (cdiv(D, bkw) * bkw + bd)
                 pb_bytes += nb_td * steps * (k.BLOCK_M + k.BLOCK_N) * D * esize
     out.append(Launch("_ncl_pair_bwd_kernel", B * cdiv(L, k.BLOCK_M) * nb_td, pb_working, pb_macs, pb_bytes,
                       pb_dot))

@@ -108,6 +108,7 @@ GRAD_STAGES_F32 = 1  # fp32 tiles: one stage in flight keeps sm_80 (mma.sync, tf
 BLOCK_M = 32
 BLOCK_N = 32
 BLOCK_K = 64  # half inputs
+BLOCK_D_F32_BOUNDED = 64  # and half the chunk of D in the backward (spill-free on sm_80 and sm_90)
 BLOCK_K_F32_BOUNDED = 16  # fp32 tiles of the bounded kernels (tf32x3 splits each operand): spill-free
 BLOCK_D = 128
 NUM_WARPS = 4
@@ -335,8 +336,21 @@ def _ncl_rows_kernel(
         ok = rmask[:, None] & (cols < n_p)[None, :] & (cols[None, :] != rows[:, None])
         s = tl.load(row_ptr[:, None] + cols[None, :], mask=ok, other=0.0)
         z = lse[:, None] - s
-        term += tl.sum(tl.where(ok, _softplus(z), 0.0), axis=1)
-        wsum += tl.sum(tl.where(ok, _sigmoid(z), 0.0), axis=1)
+        term, wsum = _pair_terms(z, ok, term, wsum)
+    _store_row_stats(lse_ptr, w_ptr, part_ptr, b, L, n_blocks, pid, rows, rmask, lse, wsum, term)
+
+
+@triton.jit
+def _pair_terms(z, ok, term, wsum):
+    """Adds softplus(z) (the t1 summands) and sigmoid(z) (W_m) over a tile's valid columns."""
+    term += tl.sum(tl.where(ok, _softplus(z), 0.0), axis=1)
+    wsum += tl.sum(tl.where(ok, _sigmoid(z), 0.0), axis=1)
+    return term, wsum
+
+
+@triton.jit
+def _store_row_stats(lse_ptr, w_ptr, part_ptr, b, L, n_blocks, pid, rows, rmask, lse, wsum, term):
+    """lam_m and W_m of the tampered rows, and the row block's share of t1."""
     tl.store(lse_ptr + b * L + rows, lse, mask=rmask)
     tl.store(w_ptr + b * L + rows, wsum, mask=rmask)
     tl.store(part_ptr + b * n_blocks + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0))
@@ -555,11 +569,8 @@ def _ncl_pair_fwd_kernel(
                       stride_fx, inv_tau, BLOCK_M, BLOCK_N, BLOCK_K, CHANNELS_LAST, UPCAST, PRECISION)
         z = lse[:, None] - s
         ok = cmask[None, :] & (cols[None, :] != rows[:, None])
-        term += tl.sum(tl.where(ok, _softplus(z), 0.0), axis=1)
-        wsum += tl.sum(tl.where(ok, _sigmoid(z), 0.0), axis=1)
-    tl.store(lse_ptr + b * L + rows, lse, mask=rmask)
-    tl.store(w_ptr + b * L + rows, wsum, mask=rmask)
-    tl.store(part_ptr + b * n_blocks + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0))
+        term, wsum = _pair_terms(z, ok, term, wsum)
+    _store_row_stats(lse_ptr, w_ptr, part_ptr, b, L, n_blocks, pid, rows, rmask, lse, wsum, term)
 
 
 @triton.jit
@@ -646,7 +657,6 @@ def _ncl_pair_bwd_kernel(
     pid_x = pid % n_tx
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
-    n_k = tl.load(counts_ptr + b * 3 + 2)
     n_used = n_p + n_n
     x0 = pid_x * BLOCK_X
     perm_b = perm_ptr + b * L
@@ -658,31 +668,16 @@ def _ncl_pair_bwd_kernel(
         _store_rows(grad_ptr + b * stride_gb, tl.zeros([BLOCK_X, BLOCK_D], dtype=tl.float32), perm_b, rows, in_grid,
                     kd, kdmask, C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
         return
-    # 1. per-image coefficients; undefined terms get no gradient
+    # 1. per-patch coefficients; undefined terms get no gradient
     t1_ok = (n_p >= 2) & (n_n >= 1)
-    t23_ok = (n_p >= 1) & (n_n >= 1) & (n_k >= 1)
-    n_pf = n_p.to(tl.float32)
-    k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
-    k2 = tl.load(gout_ptr + b * 3 + 1) / tl.maximum(n_pf, 1.0)
-    k3 = tl.load(gout_ptr + b * 3 + 2) / tl.maximum(n_n.to(tl.float32), 1.0)
-
     feat_b = feat_ptr + b * stride_fb
     xmask = rows < n_used
     x_is_p = rows < n_p
     poff_x = _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)
-    nrm_x = tl.load(nrm_ptr + b * L + rows, mask=xmask, other=1.0)
+    nrm_x, lse_x, w_x, k1, c_pos, c_neg, dot_x = _row_setup(  # dot_x: <hat f_x, d hat f_x>, accumulated below
+        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+    )
     rn_x = 1.0 / tl.maximum(nrm_x, eps)
-    lse_x = tl.load(lse_ptr + b * L + rows, mask=xmask & x_is_p, other=0.0)
-    w_x = tl.load(w_ptr + b * L + rows, mask=xmask & x_is_p, other=0.0)
-
-    # 2. anchor coefficients c+_x, c-_x
-    s_pos = tl.load(sa_ptr + b * 2 * L + rows, mask=xmask, other=0.0)
-    s_neg = tl.load(sa_ptr + b * 2 * L + L + rows, mask=xmask, other=0.0)
-    c_pos = _anchor_coef(x_is_p, s_pos, tl.load(lsea_ptr + b * 2), tl.load(wa_ptr + b * 2), k2, True)
-    c_neg = _anchor_coef(x_is_p, s_neg, tl.load(lsea_ptr + b * 2 + 1), tl.load(wa_ptr + b * 2 + 1), k3, False)
-    c_pos = tl.where(t23_ok & xmask, c_pos, 0.0)
-    c_neg = tl.where(t23_ok & xmask, c_neg, 0.0)
-    dot_x = c_pos * s_pos + c_neg * s_neg  # <hat f_x, d hat f_x>, accumulated below
 
     d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
     pair = tl.zeros([BLOCK_X, BLOCK_D], dtype=tl.float32)  # without the factor k1: nothing underflows
@@ -992,11 +987,12 @@ def ncl_terms_bwd(
             PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS,
             num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES,
         )
-        n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, BLOCK_D)
+        bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
+        n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, bd)
         _ncl_pair_bwd_kernel[(_grid_check(n_tx * n_td, "the bounded backward"), B)](
             feat, grad_feat, anchor_pos, anchor_neg, *common,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
-            BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl,
+            BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, BLOCK_D=bd, CHANNELS_LAST=cl,
             UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", num_warps=NUM_WARPS_BWD,
             num_stages=2 if up else 3,
         )

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from . import cli
-from .data.sources import (DatasetError, allow_large_images, check_entries, list_dataset, list_test_sets,
+from .data.sources import (DatasetError, check_entries, list_dataset, list_test_sets,
                            read_mask)
 
 
@@ -52,16 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("path", help="Tp/Gt folder, JSON list, or JSON map {name: path}")
     ap.add_argument("--invert-masks", "--invert_masks", action="store_true",
                     help="masks are black = tampered (raw NIST16)")
-    ap.add_argument("--allow-large-images", "--allow_large_images", action="store_true",
-                    help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    cli.add_large_images_option(ap.add_argument)
     return ap
 
 
 @cli.command
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.allow_large_images:
-        allow_large_images()
+    args = cli.parse_args(build_parser(), argv)
     try:
         sets = list_test_sets(args.path)
     except DatasetError as err:

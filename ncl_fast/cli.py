@@ -105,6 +105,23 @@ positive_float = float_in(0.0, low_open=True)
 nonnegative_float = float_in(0.0)
 
 
+def add_large_images_option(add: Callable[..., object]) -> None:
+    """`--allow-large-images`, shared by every command that decodes images (`add` is a
+    parser's `add_argument`)."""
+    add("--allow-large-images", "--allow_large_images", action="store_true",
+        help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse; a command with `--allow-large-images` set lifts Pillow's limit here."""
+    args = parser.parse_args(argv)
+    if getattr(args, "allow_large_images", False):
+        from .data.sources import allow_large_images
+
+        allow_large_images()
+    return args
+
+
 def default_workers(most: int = 4) -> int:
     """DataLoader workers: at most `most`, and no more than the CPUs this process may use
     (more makes PyTorch warn and only adds contention)."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import cli, distributed, metrics
 from .checkpoint import load_checkpoint, strip_prefixes
-from .data import DatasetError, ForgeryDataset, allow_large_images, list_test_sets, load_entries
+from .data import DatasetError, ForgeryDataset, list_test_sets, load_entries
 from .data.attacks import grid
 from .model import LossConfig, NCLModel
 
@@ -145,17 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
     ap.add_argument("--backbone", type=int, default=101, choices=(18, 34, 50, 101),
                     help="for checkpoints without model_config (default: 101)")
-    ap.add_argument("--allow-large-images", "--allow_large_images", action="store_true",
-                    help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    cli.add_large_images_option(ap.add_argument)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
 @cli.command
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.allow_large_images:
-        allow_large_images()
+    args = cli.parse_args(build_parser(), argv)
     out = cli.check_output_dir(args.output_dir, "--output_dir") if args.output_dir else None
     ctx = distributed.setup(args.device)
     try:

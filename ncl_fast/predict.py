@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import cli
 from .data.dataset import fit_size, normalize
-from .data.sources import IMAGE_EXTS, allow_large_images, read_image
+from .data.sources import IMAGE_EXTS, read_image
 from .evaluate import autocast, model_from_checkpoint
 
 
@@ -106,17 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
     ap.add_argument("--no-overlay", action="store_true", help="do not write overlay/")
-    ap.add_argument("--allow-large-images", "--allow_large_images", action="store_true",
-                    help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    cli.add_large_images_option(ap.add_argument)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
 @cli.command
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.allow_large_images:
-        allow_large_images()
+    args = cli.parse_args(build_parser(), argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     kinds = ["mask", "prob"] + ([] if args.no_overlay else ["overlay"])

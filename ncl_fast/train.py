@@ -131,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     A("--max_steps", "--max-steps", type=cli.positive_int, default=None, help="stop after N steps (benchmarks)")
     A("--device", default=None, help="cuda or cpu (default: cuda when present)")
     A("--invert-masks", "--invert_masks", action="store_true", help="masks are black = tampered (NIST16)")
-    A("--allow-large-images", "--allow_large_images", action="store_true",
-      help="decode images above Pillow's decompression-bomb limit (about 89 Mpx); only for files you trust")
+    cli.add_large_images_option(A)
     A("--no-progress", action="store_true", help="no progress bars")
     return ap
 
