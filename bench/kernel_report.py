@@ -243,9 +243,11 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
     rows, problems = [], []
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                   "-Xptxas", "-v", "-std=c++20", "-DNCL_FAST_WITH_CUDA", *includes,
-                   f"-I{os.path.join(root, 'csrc')}", "--expt-relaxed-constexpr"]
+            # the flags of the real build (torch's BuildExtension adds COMMON_NVCC_FLAGS)
+            cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), "-O3", "-lineinfo",
+                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-std=c++20",
+                   "-DNCL_FAST_WITH_CUDA", *cpp_extension.COMMON_NVCC_FLAGS, *includes,
+                   f"-I{os.path.join(root, 'csrc')}"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             problems.append(f"nvcc sm_{arch}: {(proc.stdout + proc.stderr)[-1500:]}")

@@ -222,10 +222,10 @@ __device__ __noinline__ void reduce_partials(const double* partials, const Reduc
 }
 
 // partials: (gridDim.x, 3) float64, written here; blocks_done: 0 at launch.
-// 8 blocks per SM (2048 threads, the SM's limit): 32 registers, which ptxas
-// meets with no spills (sm_80, sm_90).
+// 6 blocks per SM (1536 threads): up to 40 registers, which ptxas
+// meets with no spills on sm_80 and sm_90 (8 blocks, 32 registers, spilled on sm_80).
 template <typename scalar_t, typename mask_t, typename loss_t>
-__global__ void __launch_bounds__(kThreads, 8)
+__global__ void __launch_bounds__(kThreads, 6)
     pc_loss_stats_kernel(Scales<scalar_t> sc, const mask_t* __restrict__ mask, Strides ms, double* partials,
                          unsigned int* blocks_done, ReduceArgs ra, double mu, double* __restrict__ stats,
                          loss_t* __restrict__ loss) {
