@@ -71,12 +71,13 @@ counts each launch's work; the GPU parity and timing run is `bench/gpu_check.sh`
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .patch_labels import _device_guard
 
 #: True when Triton runs kernels on the CPU through its interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -863,10 +864,6 @@ def _grid_check(n: int, what: str) -> int:
         raise ValueError(f"ncl_terms (Triton): {what} needs {n} programs on one grid axis, above 2^31 - 1")
     return n
 
-
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensor's device, whichever CUDA device is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def ncl_terms_fwd(

@@ -97,3 +97,14 @@ def test_patch_features_order(gen):
     for l in range(6):
         r, c = divmod(l, 3)
         assert torch.equal(f[1, l], feat[1, :, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3].reshape(-1))
+
+
+def test_float64_masks_are_binarized_in_float64(impl):
+    # 0.50000001 is > 0.5 in float64 but rounds to 0.5 in float32: the label must follow
+    # SPEC's M > 0.5 in the mask's own dtype (the reference's comparison).
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    mask[0, 0, :4, :4] = 0.50000001  # patch 0 tampered
+    mask[0, 0, :4, 4:] = 0.5  # patch 1 authentic (not > 0.5)
+    got = functional.patch_labels(mask, (4, 4), 2, impl=impl)
+    assert got.tolist() == [[1, 0, 0, 0]]
+    assert torch.equal(got, oracles.patch_labels(mask, 4, 4, 2))
