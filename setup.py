@@ -65,6 +65,7 @@ setup(
         "tqdm",
         "tensorboard",
         "nvidia-ml-py",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-learn"],
@@ -76,6 +77,7 @@ setup(
             "ncl-predict=ncl_fast.predict:main",
             "ncl-check-data=ncl_fast.check_data:main",
             "ncl-synth=ncl_fast.synth:main",
+            "ncl-ablate=ncl_fast.ablate:main",
         ]
     },
     ext_modules=ext_modules,

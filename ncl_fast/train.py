@@ -310,6 +310,7 @@ class Trainer:
         self.amp = args.amp if args.amp != "auto" else ("bf16" if self.dev.type == "cuda" else "off")
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
         self.rng_to_restore = None
+        self.carry, self.partial = None, None
         self.resumed_from = None
         self.writer = None
         self.monitor = None
@@ -385,6 +386,7 @@ class Trainer:
         self.start_step = ckpt.get("next_step", 0)
         self.global_step = ckpt.get("global_step", self.start_epoch * self.steps_per_epoch + self.start_step)
         self.rng_to_restore = ckpt.get("rng")
+        self.carry = ckpt.get("epoch_partial")
         self.resumed_from = path
         if self.ctx.is_main:
             print(f"resumed from {path}: epoch {self.start_epoch}, step {self.start_step} of {self.steps_per_epoch}")
@@ -487,6 +489,14 @@ class Trainer:
         self.sampler.set_epoch(epoch, first)
         self.train_ds.set_epoch(epoch)
         sums, count, t0, gpu_util, lr = {}, 0, time.perf_counter(), [], None
+        # the loss sums of the steps this epoch ran before an interrupt: the epoch's means stay whole-epoch means
+        carried = self.carry if (self.carry and first > 0 and self.carry.get("epoch") == epoch) else None
+        self.carry = None
+        if carried:
+            sums = {k: torch.tensor(v, dtype=torch.float32, device=self.dev) for k, v in carried["sums"].items()}
+            count = carried["count"]
+        self.partial = (epoch, sums, count)
+        done_before = count
         bar = tqdm(self.loader, total=self.steps_per_epoch - first, desc=f"epoch {epoch}", unit="step",
                    disable=not ctx.is_main or args.no_progress, dynamic_ncols=True)
         for batch in bar:
@@ -495,8 +505,9 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
+            self.partial = (epoch, sums, count)
             if ctx.is_main and (self.step % 10 == 0 or self.step == self.steps_per_epoch):
-                rate = count * args.batch_size * ctx.world_size / (time.perf_counter() - t0)
+                rate = (count - done_before) * args.batch_size * ctx.world_size / (time.perf_counter() - t0)
                 post = {k: f"{(v / count).item():.4f}" for k, v in sums.items()}
                 post["img/s"] = f"{rate:.1f}"
                 gpu = self.monitor.read() if self.monitor else {}
@@ -519,7 +530,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         log = {"epoch": epoch, "train_lr": lr if count else None,
                **{f"train_{k}": (v / max(count, 1)).item() for k, v in sums.items()},
-               "train_images_per_s": count * args.batch_size * ctx.world_size / max(elapsed, 1e-9)}
+               "train_images_per_s": (count - done_before) * args.batch_size * ctx.world_size / max(elapsed, 1e-9)}
         if gpu_util:
             log["train_gpu_util"] = sum(gpu_util) / len(gpu_util)
         if self.dev.type == "cuda":
@@ -573,12 +584,20 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "args": vars(self.args),
             "model_config": self.model_config, "global_step": self.global_step, "next_epoch": next_epoch,
-            "next_step": next_step, "rng": rng_state(),
+            "next_step": next_step, "rng": rng_state(), "epoch_partial": self.epoch_partial(next_epoch, next_step),
         }, path)
         if self.args.keep_checkpoints > 0:
             files = sorted(self.out_dir.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime)
             for old in files[: -self.args.keep_checkpoints]:
                 old.unlink(missing_ok=True)
+
+    def epoch_partial(self, next_epoch: int, next_step: int) -> dict | None:
+        """The loss sums of the steps run so far in an epoch stopped part-way (None at an epoch's end), so
+        that the resumed run logs the same whole-epoch means as an uninterrupted one."""
+        if next_step == 0 or self.partial is None or self.partial[0] != next_epoch:
+            return None
+        _, sums, count = self.partial
+        return {"epoch": next_epoch, "count": count, "sums": {k: float(v) for k, v in sums.items()}}
 
     def write_log(self, log: dict) -> None:
         """Append one JSON line to log.txt (undefined figures as null, never NaN)."""

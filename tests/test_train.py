@@ -62,6 +62,14 @@ def test_resume_equals_uninterrupted(tmp_path, data, optimizer):
     assert (ckpt["next_epoch"], ckpt["next_step"], ckpt["global_step"]) == (1, 2, 6)
     assert run(tmp_path / "b", data, "--epochs", "3", "--resume", "auto", "--optimizer", optimizer) == 0
     assert same(weights(tmp_path / "a" / "checkpoint-2.pth"), weights(tmp_path / "b" / "checkpoint-2.pth"))
+    # the log's epoch means cover the whole epoch, also the one split by the stop (its last record counts)
+    logs = {}
+    for x in ("a", "b"):
+        for line in (tmp_path / x / "log.txt").read_text().splitlines():
+            record = json.loads(line)
+            record.pop("train_images_per_s")
+            logs.setdefault(x, {})[record["epoch"]] = record
+    assert logs["a"] == logs["b"]
     ca, cb = (load_checkpoint(tmp_path / x / "checkpoint-2.pth") for x in ("a", "b"))
     assert ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
     for k, state in ca["optimizer"]["state"].items():

@@ -1,0 +1,118 @@
+"""The ablation runner on a tiny model: tables, JSON and plot written; finished runs
+skipped; an interrupted run resumes to the same result; bad input refused."""
+import json
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import synthetic_split
+from ncl_fast import ablate, train
+
+TINY = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
+        "--batch_size", "2", "--num_workers", "0", "--lr", "0.01", "--if_resizing", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_split(tmp_path_factory.mktemp("synth"), n=10, seed=2, n_train=8)
+
+
+def argv(out, data, *extra):
+    return ["--output_dir", str(out), "--data_path", str(data / "train.json"), "--test_data_path",
+            str(data / "test.json")] + TINY + list(extra)
+
+
+def last_record(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()][-1]
+
+
+def test_tables_json_plot_and_skip(tmp_path, data, capsys):
+    cmd = argv(tmp_path, data, "--tables", "variants", "--configs", "base", "pivot", "--seeds", "3", "5",
+               "--epochs", "2")
+    assert ablate.main(cmd) == 0
+    for config in ("base", "pivot"):
+        for seed in (3, 5):
+            run = json.loads((tmp_path / config / f"seed{seed}" / "run.json").read_text())
+            assert run["done"] and run["config"] == config and run["seed"] == seed
+            assert "--seed" in run["argv"] and run["argv"][run["argv"].index("--seed") + 1] == str(seed)
+            assert run["curves"]["eval_epoch"] == [0, 1]  # evaluated every epoch
+    # the table's mean and std, recomputed from the runs' own log.txt
+    md = (tmp_path / "ablation.md").read_text()
+    for label, config in (("Base (BCE)", "base"), ("Base + Pivot (NCL)", "pivot")):
+        f1 = [last_record(tmp_path / config / f"seed{s}")["test_pixel-level F1"] for s in (3, 5)]
+        auc = [last_record(tmp_path / config / f"seed{s}")["test_pixel-level AUC"] for s in (3, 5)]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}" in row
+        assert f"{np.mean(auc):.4f} ± {np.std(auc, ddof=1):.4f}" in row
+        assert f"{f1[0]:.4f}, {f1[1]:.4f}" in row and "| 3 5 |" in row
+    assert "Base + Pivot + PC (full)" not in md  # not asked for
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    rows = record["tables"]["variants"]["rows"]
+    assert [r["config"] for r in rows] == ["base", "pivot"]
+    assert rows[0]["stats"]["test"]["pixel-level IOU"][0] == pytest.approx(statistics.fmean(
+        last_record(tmp_path / "base" / f"seed{s}")["test_pixel-level IOU"] for s in (3, 5)))
+    png = Image.open(tmp_path / "ablation.png")
+    assert png.format == "PNG" and png.size[0] > 800 and png.size[1] > 300
+    # run again: nothing is retrained
+    logs = {p: p.read_text() for p in tmp_path.glob("*/seed*/log.txt")}
+    capsys.readouterr()
+    assert ablate.main(cmd) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished before, skipped") == 4 and "training" not in out.replace("training loss", "")
+    assert {p: p.read_text() for p in tmp_path.glob("*/seed*/log.txt")} == logs
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch):
+    cmd = ["--tables", "variants", "--configs", "full", "--seeds", "0", "--epochs", "2"]
+    assert ablate.main(argv(tmp_path / "a", data, *cmd)) == 0
+    calls = []
+    original = train.Trainer.train_step
+
+    def interrupt_at_step_6(self, batch, lr):
+        calls.append(1)
+        if len(calls) == 6:  # in the middle of epoch 1 (4 steps per epoch)
+            raise KeyboardInterrupt
+        return original(self, batch, lr)
+
+    monkeypatch.setattr(train.Trainer, "train_step", interrupt_at_step_6)
+    assert ablate.main(argv(tmp_path / "b", data, *cmd)) == 130
+    state = json.loads((tmp_path / "b" / "full" / "seed0" / "run.json").read_text())
+    assert not state["done"] and list((tmp_path / "b" / "full" / "seed0").glob("checkpoint-*.pth"))
+    monkeypatch.setattr(train.Trainer, "train_step", original)
+    assert ablate.main(argv(tmp_path / "b", data, *cmd)) == 0
+    a = json.loads((tmp_path / "a" / "full" / "seed0" / "run.json").read_text())
+    b = json.loads((tmp_path / "b" / "full" / "seed0" / "run.json").read_text())
+    assert b["done"] and b["final"] == a["final"] and b["curves"] == a["curves"]
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, data, capsys):
+    assert ablate.main(argv(tmp_path, data, "--variant", "base")) == 2
+    assert "--variant: the runner sets this" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        ablate.main(argv(tmp_path, data, "--tables", "variants", "--configs", "vit-base"))
+    assert exc.value.code == 2 and "in none of the tables" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        ablate.main(argv(tmp_path, data, "--seeds", "1", "1"))
+    assert exc.value.code == 2 and "repeats a seed" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing was written"
+    # a run folder made with other options is not silently reused
+    run_dir = tmp_path / "base" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"argv": ["--epochs", "7"], "done": True}))
+    assert ablate.main(argv(tmp_path, data, "--tables", "variants", "--configs", "base", "--seeds", "0")) == 2
+    err = capsys.readouterr().err
+    assert str(run_dir) in err and "other options" in err
+
+
+def test_metrics_of_several_test_sets():
+    record = {"epoch": 3, "test_CASIAv1_pixel-level F1": 0.5, "test_CASIAv1_pixel-level AUC": 0.75,
+              "test_Columbia_pixel-level F1": 0.25, "test_Columbia_pixel-level F1 (tampered only)": 0.9,
+              "test_Columbia_pixel-level IOU": 0.125, "train_loss": 1.0}
+    assert ablate.test_metrics(record) == {
+        "CASIAv1": {"pixel-level F1": 0.5, "pixel-level AUC": 0.75},
+        "Columbia": {"pixel-level F1": 0.25, "pixel-level IOU": 0.125},
+    }
+    one = {"test_pixel-level F1": 0.5, "test_pixel-level F1 (dataset-level)": 0.1, "test_pixel-level IOU": 0.2}
+    assert ablate.test_metrics(one) == {"test": {"pixel-level F1": 0.5, "pixel-level IOU": 0.2}}
