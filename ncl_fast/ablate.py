@@ -176,6 +176,55 @@ def summarize_run(run_dir: Path) -> dict:
     return {"final": test_metrics(evaluated[-1]) if evaluated else {}, "curves": curves}
 
 
+def gradient_share(run_dir: Path, ctx: distributed.Context, batches: int = 4) -> dict | None:
+    """How much the NCL term moves the network, at a run's last checkpoint: over `batches`
+    training batches (fixed draw), the norm of `omega * grad L_NCL` over the norm of the
+    gradient of the rest of the loss (BCE or PC), both with respect to the network's weights,
+    and the cosine between the two. None for the variant without NCL."""
+    import torch
+
+    from .checkpoint import newest_readable
+    from .data import ForgeryDataset, load_entries
+    from .evaluate import model_from_checkpoint
+    from .model import LossConfig
+
+    path, ckpt, _ = newest_readable(run_dir)
+    a = ckpt["args"]
+    if a["variant"] == "base":
+        return None
+    model, _ = model_from_checkpoint(str(path), ctx.device)
+    model.criterion.config = LossConfig(variant=a["variant"], omega=a["omega"], mu=a["mu"],
+                                        radius=a["edge_mask_width"], patch_px=a["patch_px"], tau=a["tau"],
+                                        tol=a["tol"], impl=a["impl"])
+    model.train()  # BatchNorm on batch statistics, as in training; dropout off: the same draw, the same figure
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    entries, _ = load_entries(a["data_path"])
+    ds = ForgeryDataset(entries, a["image_size"], a["train_mode"], train=True, invert_masks=a["invert_masks"],
+                        seed=a["seed"])
+    params = [p for n, p in model.named_parameters() if n.startswith("net.")]
+    draw = torch.Generator().manual_seed(0)
+    ratios, cosines = [], []
+    for _ in range(batches):
+        items = [ds[i] for i in torch.randperm(len(ds), generator=draw)[: a["batch_size"]].tolist()]
+        image = torch.stack([it["image"] for it in items]).to(ctx.device)
+        mask = torch.stack([it["mask"] for it in items]).to(ctx.device)
+        parts = model.criterion(model.net(image), mask, model.pivot)
+        rest = parts["pc"] if "pc" in parts else parts["bce"]
+
+        def flat(loss, retain):
+            grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+            return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                              for g, p in zip(grads, params)])
+
+        g_rest, g_ncl = flat(rest, True), flat(a["omega"] * parts["ncl"], False)
+        ratios.append((g_ncl.norm() / g_rest.norm()).item())
+        cosines.append(torch.nn.functional.cosine_similarity(g_ncl, g_rest, dim=0).item())
+    return {"ncl_grad_ratio": statistics.fmean(ratios), "ncl_grad_cosine": statistics.fmean(cosines),
+            "batches": batches, "checkpoint": str(path)}
+
+
 def write_json(path: Path, obj) -> None:
     """Atomically: a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -198,6 +247,9 @@ def run_one(args, extra, config: str, seed: int, ctx: distributed.Context, label
     if state is not None and state.get("done"):
         if ctx.is_main:
             print(f"{label} {config}, seed {seed}: finished before, skipped", flush=True)
+            if "probe" not in state:  # a run finished by an older version of this command
+                state["probe"] = gradient_share(run_dir, ctx)
+                write_json(state_path, state)
         return cli.OK, state
     resume = any(run_dir.glob("checkpoint-*.pth"))
     if ctx.is_main:
@@ -218,6 +270,11 @@ def run_one(args, extra, config: str, seed: int, ctx: distributed.Context, label
     state["exit_code"] = code
     if code == cli.OK:
         state.update(summarize_run(run_dir))
+        try:
+            state["probe"] = gradient_share(run_dir, ctx)
+        except Exception as err:  # a diagnostic: never lose the run's result to it
+            print(f"warning: {run_dir}: the NCL gradient probe failed ({type(err).__name__}: {err})", file=sys.stderr)
+            state["probe"] = None
         if not state["final"]:
             state["done"] = False
             raise cli.UsageError(f"{run_dir}: the run has no test metrics; give --test_data_path (or leave "
@@ -233,10 +290,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def fmt_ms(m: float, s: float) -> str:
+def fmt_ms(m: float, s: float, digits: int = 4) -> str:
     if math.isnan(m):
         return "n/a"
-    return f"{m:.4f} ± {s:.4f}" if not math.isnan(s) else f"{m:.4f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if not math.isnan(s) else f"{m:.{digits}f}"
 
 
 def aggregate(args, runs: dict) -> dict:
@@ -258,6 +315,8 @@ def aggregate(args, runs: dict) -> dict:
                 "stats": stats,
                 "per_seed_f1": {name: [r["final"].get(name, {}).get("pixel-level F1") for r in done] for name in sets},
                 "minutes_per_run": statistics.fmean(r["seconds"] for r in done) / 60 if done else None,
+                "ncl_grad_ratio": mean_std([(r.get("probe") or {}).get("ncl_grad_ratio") for r in done]),
+                "ncl_grad_cosine": mean_std([(r.get("probe") or {}).get("ncl_grad_cosine") for r in done]),
             })
         tables[table] = {"title": title, "rows": out_rows}
     return tables
@@ -269,18 +328,25 @@ def markdown(tables: dict, command: str) -> str:
         sets = sorted({name for row in table["rows"] for name in row["stats"]}) or ["test"]
         for name in sets:
             lines += [f"### {table['title']}" + (f", test set {name}" if len(sets) > 1 else ""), "",
-                      "| configuration | seeds | " + " | ".join(METRICS) + " | F1 per seed | minutes per run |",
-                      "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- |"]
+                      "| configuration | seeds | " + " | ".join(METRICS) + " | F1 per seed | minutes per run "
+                      "| NCL gradient / rest | cosine |",
+                      "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- | --- | --- |"]
             for row in table["rows"]:
                 stats = row["stats"].get(name)
                 cells = [fmt_ms(*stats[m]) if stats else "not run" for m in METRICS]
                 per_seed = ", ".join("n/a" if v is None else f"{v:.4f}" for v in row["per_seed_f1"].get(name, []))
                 minutes = f"{row['minutes_per_run']:.1f}" if row["minutes_per_run"] is not None else "n/a"
                 seeds = " ".join(str(s) for s in row["seeds"]) or "none"
-                lines.append(f"| {row['label']} | {seeds} | " + " | ".join(cells) + f" | {per_seed} | {minutes} |")
+                probe = [fmt_ms(*row[k], digits=3) if not math.isnan(row[k][0]) else "-"
+                         for k in ("ncl_grad_ratio", "ncl_grad_cosine")]
+                lines.append(f"| {row['label']} | {seeds} | " + " | ".join(cells) + f" | {per_seed} | {minutes} | "
+                             + " | ".join(probe) + " |")
             lines.append("")
     lines.append("Mean ± sample standard deviation over the seeds; IMDL-BenCo's pixel-level metrics "
-                 "(per image, then averaged; threshold 0.5 for F1 and IOU), on the last epoch.")
+                 "(per image, then averaged; threshold 0.5 for F1 and IOU), on the last epoch. "
+                 "NCL gradient / rest: at the last checkpoint, over 4 training batches, the norm of "
+                 "omega * grad L_NCL over the norm of the gradient of the rest of the loss (BCE or PC) with "
+                 "respect to the network's weights; cosine: the cosine between the two gradients.")
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,15 @@ def test_tables_json_plot_and_skip(tmp_path, data, capsys):
         assert f"{np.mean(auc):.4f} ± {np.std(auc, ddof=1):.4f}" in row
         assert f"{f1[0]:.4f}, {f1[1]:.4f}" in row and "| 3 5 |" in row
     assert "Base + Pivot + PC (full)" not in md  # not asked for
+    base_row = next(line for line in md.splitlines() if line.startswith("| Base (BCE) |"))
+    assert base_row.endswith("| - | - |")  # no NCL term, no probe
+    for s in (3, 5):
+        probe = json.loads((tmp_path / "pivot" / f"seed{s}" / "run.json").read_text())["probe"]
+        # 32 px images hold no pure 16 px patch, so the NCL term and its gradient are 0 here (the
+        # probe's value is checked in test_gradient_probe_against_the_total_loss)
+        assert probe["ncl_grad_ratio"] == 0 and probe["batches"] == 4
+    pivot_row = next(line for line in md.splitlines() if line.startswith("| Base + Pivot (NCL) |"))
+    assert pivot_row.endswith("| 0.000 ± 0.000 | 0.000 ± 0.000 |")
     record = json.loads((tmp_path / "ablation.json").read_text())
     rows = record["tables"]["variants"]["rows"]
     assert [r["config"] for r in rows] == ["base", "pivot"]
@@ -60,7 +69,7 @@ def test_tables_json_plot_and_skip(tmp_path, data, capsys):
     capsys.readouterr()
     assert ablate.main(cmd) == 0
     out = capsys.readouterr().out
-    assert out.count("finished before, skipped") == 4 and "training" not in out.replace("training loss", "")
+    assert out.count("finished before, skipped") == 4 and ": training in" not in out and "resuming" not in out
     assert {p: p.read_text() for p in tmp_path.glob("*/seed*/log.txt")} == logs
 
 
@@ -104,6 +113,38 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data, capsys):
     assert ablate.main(argv(tmp_path, data, "--tables", "variants", "--configs", "base", "--seeds", "0")) == 2
     err = capsys.readouterr().err
     assert str(run_dir) in err and "other options" in err
+
+
+def test_gradient_probe_against_the_total_loss(tmp_path, data):
+    """The probe's NCL gradient, recomputed as grad(total loss) - grad(rest): the same ratio."""
+    import torch
+
+    from ncl_fast import distributed
+    from ncl_fast.checkpoint import newest_readable
+    from ncl_fast.data import ForgeryDataset, load_entries
+    from ncl_fast.evaluate import model_from_checkpoint
+
+    # 64 px images and 8 px patches: tampered and authentic patches to contrast
+    assert train.main(argv(tmp_path, data, "--variant", "full", "--epochs", "1", "--omega", "0.5", "--image_size",
+                           "64", "--test_image_size", "64", "--patch_px", "8")) == 0
+    probe = ablate.gradient_share(tmp_path, distributed.Context(), batches=1)
+    path, ckpt, _ = newest_readable(tmp_path)
+    model, _ = model_from_checkpoint(str(path), torch.device("cpu"))
+    model.criterion.config.omega, model.criterion.config.patch_px = 0.5, 8
+    model.train()
+    model.net.aspp.dropout.eval()
+    ds = ForgeryDataset(load_entries(str(data / "train.json"))[0], 64, "resize", train=True, seed=0)
+    items = [ds[i] for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2].tolist()]
+    image, mask = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
+    params = [p for n, p in model.named_parameters() if n.startswith("net.")]
+    parts = model.criterion(model.net(image), mask, model.pivot)
+    g_total = torch.autograd.grad(parts["loss"], params, retain_graph=True, allow_unused=True)
+    g_rest = torch.autograd.grad(parts["pc"], params, allow_unused=True)
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).double().reshape(-1)
+                                 for g, p in zip(gs, params)])
+    total, rest = flat(g_total), flat(g_rest)
+    assert probe["ncl_grad_ratio"] == pytest.approx(((total - rest).norm() / rest.norm()).item(), rel=1e-3)
+    assert probe["ncl_grad_ratio"] > 1e-4
 
 
 def test_metrics_of_several_test_sets():
