@@ -57,8 +57,9 @@ class ViTConfig:
 
 #: `--backbone` names. tiny/small/base are DeiT's sizes (Touvron et al. 2021), with
 #: the position embedding stored at the paper's 512 px crop (SPEC section 8). demo
-#: is for CPU minutes at the demo preset's 160 px: its training step costs about
-#: what the demo's quarter-width ResNet-18 does (bench/bench_backbones.py).
+#: is for CPU minutes at the demo preset's 160 px: its training step took 0.25-0.6x
+#: the time of the demo's quarter-width ResNet-18 on 2 shared CPU cores, batch 8
+#: (bench/bench_backbones.py), for about as many parameters (1.1 M against 1.0 M).
 VIT_CONFIGS = {
     "vit_demo": ViTConfig(depth=4, width=128, heads=4, mlp=512, image_size=160),
     "vit_tiny": ViTConfig(depth=12, width=192, heads=3, mlp=768, image_size=512),
