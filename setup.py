@@ -8,6 +8,10 @@
   one otherwise (or with `NCL_FAST_FORCE_CPU=1`). `NCL_FAST_BUILD_EXT=0` skips
   it; it is then compiled on first use (`ncl_fast._cuda_ops`).
 
+torchvision supplies the ViT backbone's transformer (`ncl_fast.model.vit`): a
+well-kept, widely tested implementation rather than a hand-written one, with
+random initialisation (nothing is downloaded).
+
 torch must already be installed: `pip install --no-build-isolation -e .`.
 """
 import importlib.util
@@ -56,6 +60,7 @@ setup(
     package_dir={"ncl_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
+        "torchvision>=0.19",  # the ViT backbone's blocks; 0.19 pairs with torch 2.4
         "numpy",
         "ninja",
         "pybind11",

@@ -4,6 +4,7 @@ IMDL-BenCo models take `forward(image, mask, label, ...)` and return a dict with
 `backward_loss`, `pred_mask` (probabilities), `pred_label`, `visual_loss` and
 `visual_image`. `NCLBenCo` wraps `NCLModel` that way with no dependency on
 `imdlbenco`; register it in their registry yourself if you use it there.
+`backbone` is a ResNet depth or a ViT size (`vit_small`, ...; see `NCLModel`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from .model import LossConfig, NCLModel
 
 
 class NCLBenCo(nn.Module):
-    def __init__(self, backbone: int = 101, pivot_stage: int = 1, variant: str = "full", **loss_kwargs):
+    def __init__(self, backbone: int | str = 101, pivot_stage: int | None = None, variant: str = "full",
+                 **loss_kwargs):
         super().__init__()
         self.model = NCLModel(backbone, pivot_stage, LossConfig(variant=variant, **loss_kwargs))
 

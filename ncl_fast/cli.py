@@ -99,6 +99,13 @@ def image_size(text: str) -> int:
     return value
 
 
+def backbone(text: str) -> int | str:
+    """A backbone: a ResNet depth as an int (`18`), a ViT size by its name (`vit_small`);
+    the option's `choices` say which exist."""
+    text = text.strip()
+    return int(text) if text.isdigit() else text
+
+
 positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 positive_float = float_in(0.0, low_open=True)

@@ -30,7 +30,7 @@ from . import cli, distributed, metrics
 from .checkpoint import load_checkpoint, strip_prefixes
 from .data import DatasetError, ForgeryDataset, list_test_sets, load_entries
 from .data.attacks import grid
-from .model import LossConfig, NCLModel
+from .model import BACKBONES, LossConfig, NCLModel, describe_backbone
 
 TABLE_KEYS = metrics.NAMES + ("pixel-level F1 (tampered only)", "pixel-level F1 (dataset-level)")
 
@@ -44,7 +44,7 @@ def autocast(device: torch.device, amp: str):
 @torch.no_grad()
 def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4, num_workers: int = 2,
                      amp: str = "off", desc: str = "evaluating", progress: bool = True) -> dict:
-    """Summary metrics of `net` (a DeepLabV3Plus) on `dataset`, every image once."""
+    """Summary metrics of `net` (a DeepLabV3Plus or a ViTSegmenter) on `dataset`, every image once."""
     was_training = net.training
     net.eval()
     shard = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
@@ -95,16 +95,24 @@ def markdown(name: str, results: dict[str, dict]) -> str:
 
 
 def model_from_checkpoint(path: str, device: torch.device, fallback: dict | None = None) -> tuple[NCLModel, dict]:
-    """Rebuild the model a checkpoint was trained with (`model_config`), load its weights."""
+    """Rebuild the model a checkpoint was trained with (`model_config`), load its weights.
+
+    A missing `pivot_stage` or `width` takes NCLModel's default for the backbone
+    (ResNet: 1 and 64; a ViT has neither and stores None)."""
     ckpt = load_checkpoint(path)
     cfg = dict(fallback or {})
     cfg.update(ckpt.get("model_config", {}))
-    model = NCLModel(
-        cfg.get("backbone", 101), cfg.get("pivot_stage", 1), LossConfig(variant=cfg.get("variant", "full")),
-        dropout=cfg.get("dropout", 0.1), width=cfg.get("width", 64), head_channels=cfg.get("head_channels", 256),
-    )
+    backbone = cfg.get("backbone", 101)
+    try:
+        model = NCLModel(
+            backbone, cfg.get("pivot_stage"), LossConfig(variant=cfg.get("variant", "full")),
+            dropout=cfg.get("dropout", 0.1), width=cfg.get("width"), head_channels=cfg.get("head_channels", 256),
+        )
+    except ValueError as err:  # a model_config no model fits: edited, or from another version
+        raise ValueError(f"checkpoint {path}: its model_config {cfg} builds no model ({err})") from None
     state = strip_prefixes(ckpt["model"])
-    what = f"a ResNet-{cfg.get('backbone', 101)} DeepLabV3+ (width {cfg.get('width', 64)})"
+    net = "DeepLabV3+" if isinstance(backbone, int) else "segmenter"
+    what = f"a {describe_backbone(backbone, cfg.get('width'))} {net}"
     how = ("its model_config does not match the file's weights: it is damaged or was edited"
            if "model_config" in ckpt else "pass --backbone as trained")
     try:
@@ -143,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for eval.json and eval.md (default: print only)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
-    ap.add_argument("--backbone", type=int, default=101, choices=(18, 34, 50, 101),
-                    help="for checkpoints without model_config (default: 101)")
+    ap.add_argument("--backbone", type=cli.backbone, default=101, choices=BACKBONES,
+                    help="a ResNet depth or ViT size, for checkpoints without model_config (default: 101)")
     cli.add_large_images_option(ap.add_argument)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap

@@ -1,4 +1,6 @@
 """`python -m ncl_fast.train`: train NCL (DeepLabV3+ from scratch, NCL + PC losses).
+`--backbone vit_demo|vit_tiny|vit_small|vit_base` trains a ViT from scratch
+instead (SPEC section 10), with the Pivot on its token map.
 
 With no `--data_path`, it trains on the embedded synthetic dataset (made once
 with `ncl_fast.synth` from scikit-image's photos, 80 % train / 20 % test, and
@@ -40,7 +42,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, newest_readable, rng_
                          strip_prefixes)
 from .data import DatasetError, ForgeryDataset, allow_large_images, list_test_sets, load_entries
 from .evaluate import evaluate_dataset, fmt, markdown
-from .model import VARIANTS, LossConfig, NCLModel
+from .model import BACKBONES, VARIANTS, VIT_CONFIGS, LossConfig, NCLModel, describe_backbone
 
 PRESETS = {
     # SPEC section 8: the paper's configuration.
@@ -99,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     A("--seed", type=cli.nonnegative_int, default=0, help="(default: 0)")
     A("--num_workers", "--num-workers", type=cli.nonnegative_int, default=None,
       help=preset_help("num_workers", "DataLoader workers, at most the CPUs available"))
-    A("--backbone", type=int, default=None, choices=(18, 34, 50, 101), help=preset_help("backbone", "ResNet depth"))
+    A("--backbone", type=cli.backbone, default=None, choices=BACKBONES,
+      help=preset_help("backbone", "a ResNet depth (DeepLabV3+, output stride 8) or a ViT size (patch 16, "
+                                   "progressive-upsampling head; vit_demo is for CPU minutes)"))
     A("--pivot_stage", "--pivot-stage", type=int, default=None, choices=(1, 2, 3, 4, 5),
-      help=preset_help("pivot_stage", "backbone stage the Pivot reads"))
+      help=preset_help("pivot_stage", "ResNet stage the Pivot reads; not for a ViT, whose Pivot reads the token map"))
     A("--width", type=cli.positive_int, default=None,
-      help=preset_help("width", "ResNet stem channels, a multiple of 8 (64 = the standard ResNet)"))
+      help=preset_help("width", "ResNet stem channels, a multiple of 8 (64 = the standard ResNet); not for a ViT, "
+                                "whose width is part of its size"))
     A("--head_channels", "--head-channels", type=cli.int_at_least(8), default=None,
-      help=preset_help("head_channels", "ASPP/decoder channels (256 in the paper)"))
+      help=preset_help("head_channels", "ASPP/decoder channels (256 in the paper); a ViT's decoder channels"))
     A("--variant", default="full", choices=VARIANTS, help="loss variant, paper Table 5 (default: full)")
     A("--impl", default=None, choices=_backend.IMPLS, help=f"loss backend (default: ${_backend.ENV_VAR} or auto)")
     A("--omega", type=cli.nonnegative_float, default=0.01, help="weight of the NCL loss (default: 0.01)")
@@ -141,6 +146,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
     bad combinations before any work starts."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    resnet_only = [f"--{key}" for key in ("pivot_stage", "width") if getattr(args, key) is not None]
     preset = PRESETS[args.preset]
     for key, value in preset.items():
         if key == "if_padding":
@@ -154,7 +160,15 @@ def resolve_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.if_resizing = not args.if_padding
     problems = []
-    if args.width < 8 or args.width % 8:
+    if args.backbone in VIT_CONFIGS:
+        # A ViT has one feature map (the tokens) and its width is part of its size:
+        # neither option means anything, and model_config records None for both.
+        if resnet_only:
+            verb = "applies" if len(resnet_only) == 1 else "apply"
+            problems.append(f"{' and '.join(resnet_only)} {verb} to ResNet backbones only; --backbone "
+                            f"{args.backbone} has its Pivot on the token map and its width in its size")
+        args.pivot_stage = args.width = None
+    elif args.width < 8 or args.width % 8:
         problems.append(f"--width must be a multiple of 8, got {args.width}")
     for key in ("data_path", "test_data_path"):
         path = getattr(args, key)
@@ -360,7 +374,9 @@ class Trainer:
         differs = {k: (v, self.model_config[k]) for k, v in trained.items()
                    if k in ARCHITECTURE and v != self.model_config[k]}
         if differs:
-            what = ", ".join(f"--{k} {a} (this run: {b})" for k, (a, b) in differs.items())
+            # a None (a ResNet option a ViT lacks) follows from --backbone, which differs too
+            what = ", ".join(f"--{k} {a} (this run: {b})" for k, (a, b) in differs.items()
+                             if a is not None and b is not None)
             raise cli.UsageError(f"checkpoint {path} was trained with {what}; pass the same options to continue it, "
                                  f"or choose another --output_dir to start afresh")
         try:
@@ -414,7 +430,8 @@ class Trainer:
                 self.writer = SummaryWriter(str(self.log_dir))
             except ImportError:
                 print("warning: tensorboard is not installed; no TensorBoard scalars", file=sys.stderr)
-            print(f"training {args.variant} NCL, ResNet-{args.backbone}, pivot stage {args.pivot_stage}, "
+            pivot = "Pivot on the token map" if args.pivot_stage is None else f"pivot stage {args.pivot_stage}"
+            print(f"training {args.variant} NCL, {describe_backbone(args.backbone, args.width)}, {pivot}, "
                   f"{len(self.train_ds)} images, {self.steps_per_epoch} steps/epoch x {args.epochs} epochs, "
                   f"batch {args.batch_size} x {ctx.world_size} process(es) on {dev}, amp {self.amp}", flush=True)
         self.monitor = GpuMonitor(dev) if ctx.is_main else None

@@ -17,6 +17,20 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.
     )
 
 
+def check_images(x: torch.Tensor, multiple: int) -> None:
+    """A network's input check: `(B, 3, H, W)`, B > 0, sides multiples of its stride."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch (B = 0): pass at least one image")
+    H, W = x.shape[-2:]
+    if H % multiple or W % multiple:
+        raise ValueError(
+            f"image size {H}x{W} is not a multiple of {multiple} (the network stride): "
+            f"resize or pad the images, e.g. to 512x512"
+        )
+
+
 class ImagePooling(nn.Module):
     """ASPP's image-level branch. No BatchNorm after the 1x1 conv: on a 1x1 map it
     would need more than one image per device, and batch 1 per GPU is common at 1024."""
@@ -105,17 +119,7 @@ class DeepLabV3Plus(nn.Module):
         return self.encoder.out_channels[self.pivot_stage - 1]
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("empty batch (B = 0): pass at least one image")
-        H, W = x.shape[-2:]
-        m = self.size_multiple
-        if H % m or W % m:
-            raise ValueError(
-                f"image size {H}x{W} is not a multiple of {m} (the network stride): "
-                f"resize or pad the images, e.g. to 512x512"
-            )
+        check_images(x, self.size_multiple)
 
     def forward(self, x: torch.Tensor) -> dict:
         self.check_input(x)

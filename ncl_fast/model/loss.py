@@ -40,7 +40,8 @@ class NCLCriterion(nn.Module):
 
     * `base`: plain BCE on the final output.
     * `pivot`: `base` + `omega * L_NCL`.
-    * `full`: `omega * L_NCL` + the PC loss on the three predictions (stride 8, 4, 1).
+    * `full`: `omega * L_NCL` + the PC loss on every prediction, each at its own stride
+      (DeepLabV3+: 8, 4, 1; ViTSegmenter: 16, 8, 1).
 
     Returns a dict with `loss` and its parts (`ncl`, `pc` or `bce`), all scalars.
     """
