@@ -62,3 +62,20 @@ def test_two_processes_match_one(tmp_path, data):
     # each image of the test set was evaluated once, on one of the two processes
     log = [json.loads(line) for line in (tmp_path / "two" / "log.txt").read_text().splitlines()]
     assert log[-1]["test_images"] == 2
+
+
+def test_ablation_runs_under_torchrun(tmp_path, data):
+    """Every run of the ablation is data-parallel; rank 0 alone writes the tables."""
+    train_args = [a for a in ARGS if a not in ("--variant", "base", "--epochs", "1")]
+    out = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "-m", "ncl_fast.ablate", "--tables", "variants", "--configs", "base", "pivot", "--seeds", "0", "1",
+                  "--epochs", "1", "--output_dir", str(tmp_path / "ablation"), *train_args, "--batch_size", "2",
+                  "--data_path", str(data / "train.json"), "--test_data_path", str(data / "test.json")], tmp_path)
+    assert out.count("weights identical on all 2 processes") == 4
+    assert out.count("batch 2 x 2 process(es)") == 4
+    md = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "| Base (BCE) | 0 1 |" in md and "| Base + Pivot (NCL) | 0 1 |" in md
+    for config in ("base", "pivot"):
+        for seed in (0, 1):
+            run = json.loads((tmp_path / "ablation" / config / f"seed{seed}" / "run.json").read_text())
+            assert run["done"] and run["curves"]["eval_epoch"] == [0]
