@@ -113,7 +113,8 @@ def train_argv(args: argparse.Namespace, extra: list[str], config: str, seed: in
     opts = dict(CONFIGS[config])
     if opts.get("backbone") == "VIT":  # the ViT rows: --vit_backbone replaces a --backbone given for the ResNet rows
         opts["backbone"] = args.vit_backbone
-        extra = without_option(extra, "--backbone")
+        for name in ("--backbone", "--width"):  # --width is the ResNet's stem
+            extra = without_option(extra, name)
     argv = ["--preset", args.preset]
     for key, value in opts.items():
         argv += [f"--{key}", str(value)]

@@ -96,6 +96,20 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch)
     assert b["done"] and b["final"] == a["final"] and b["curves"] == a["curves"]
 
 
+def test_vit_rows_take_the_vit_and_drop_resnet_options(tmp_path, data):
+    """--backbone 18 --width 8 are for the ResNet rows: the ViT rows run --vit_backbone instead."""
+    assert ablate.main(argv(tmp_path, data, "--tables", "backbones", "--configs", "vit-full", "--seeds", "0",
+                            "--epochs", "1", "--vit_backbone", "vit_demo")) == 0
+    run = json.loads((tmp_path / "vit-full" / "seed0" / "run.json").read_text())
+    assert run["done"] and run["argv"][run["argv"].index("--backbone") + 1] == "vit_demo"
+    assert "--width" not in run["argv"] and run["argv"].count("--backbone") == 1
+    from ncl_fast.checkpoint import newest_readable
+
+    _, ckpt, _ = newest_readable(tmp_path / "vit-full" / "seed0")
+    assert ckpt["model_config"]["backbone"] == "vit_demo"
+    assert "| ViT + NCL + PC (full) | 0 |" in (tmp_path / "ablation.md").read_text()
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path, data, capsys):
     assert ablate.main(argv(tmp_path, data, "--variant", "base")) == 2
     assert "--variant: the runner sets this" in capsys.readouterr().err
