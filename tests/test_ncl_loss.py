@@ -85,6 +85,30 @@ def test_triton_backend_agrees_with_the_reference(gen):
     torch.testing.assert_close(f2.grad, f1.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_triton_backend_reads_a_vit_token_map_view(gen):
+    """A ViT's token map is a view of (B, 1 + N, C) tokens, class token dropped: channels
+    fastest, and a batch stride of (1 + N) C, which neither standard layout has."""
+    require_backend("triton", "ncl_terms")
+    B, C, h, w = 2, 6, 4, 4
+    tokens = torch.randn(B, 1 + h * w, C, generator=gen)
+    mask = torch.zeros(B, 1, 16 * h, 16 * w)
+    mask[..., :40] = 1  # tampered, contour (columns 32-47) and authentic tokens
+    mask[1, :, 40:, 20:] = 1
+    ref, fused = NCLLoss(C, 16, impl="reference"), NCLLoss(C, 16, impl="triton")
+    fused.load_state_dict(ref.state_dict())
+    t1, t2 = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    f1 = t1[:, 1:].transpose(1, 2).reshape(B, C, h, w)
+    f2 = t2[:, 1:].transpose(1, 2).reshape(B, C, h, w)
+    assert not f2.is_contiguous() and not f2.is_contiguous(memory_format=torch.channels_last)
+    l1, l2 = ref(f1, mask), fused(f2, mask)
+    assert l1 > 0
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    (2.0 * l1).backward()
+    (2.0 * l2).backward()
+    torch.testing.assert_close(t2.grad, t1.grad, rtol=1e-4, atol=1e-7)
+    assert (t2.grad[:, 0] == 0).all()  # the class token is not in the loss
+
+
 def test_bad_input_names_what_to_do():
     module = NCLLoss(4, patch_px=16)
     mask = torch.zeros(1, 1, 32, 32)
