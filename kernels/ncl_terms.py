@@ -134,11 +134,14 @@ def _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST: tl.constex
     if CHANNELS_LAST:
         ch = k % C
         ij = k // C
+        i = ij // P_
+        j = ij % P_
     else:
+        # k // P_ and k % P_ of k itself (not of k % (P_ * P_)): Triton's alignment
+        # analysis then sees runs of P_ contiguous, aligned offsets (vector loads)
         ch = k // (P_ * P_)
-        ij = k % (P_ * P_)
-    i = ij // P_
-    j = ij % P_
+        i = (k // P_) % P_
+        j = k % P_
     return ch * stride_c + i * stride_y + j * stride_x, ch * P_ * P_ + i * P_ + j
 
 
