@@ -96,13 +96,21 @@ SIM_STAGES = 3
 # Row pass over S: 16 rows x 128 columns per step.
 ROWS_BM = 16
 ROWS_BC = 128
-# Backward: 64 patches x 128 values of D per program, 32 partners per step.
+# Backward: 64 patches x 64 values of D per program, 16 partners per step. At least
+# two blocks per SM on sm_80 and sm_90 (bench/kernel_report.py's "blocks/SM"):
+# bf16/fp16 run 8 warps within 128 registers (2 x 256 threads x 128 = the 64K register
+# file); fp32 (tf32x3: three products, split operands) runs 4 warps, one stage in
+# flight (sm_80's mma.sync needs up to 255 registers there: 2 blocks of 128 threads).
+# The price of the 64-wide chunks: each program reads S and forms its coefficients
+# for 64 values of D, twice as often as with 128 (the GEMMs' multiply-adds are equal).
 GRAD_BX = 64
 GRAD_BY = 16
-GRAD_BD = 128
+GRAD_BD = 64
 GRAD_WARPS = 8
 GRAD_STAGES = 2
-GRAD_STAGES_F32 = 1  # fp32 tiles: one stage in flight keeps sm_80 (mma.sync, tf32x3) spill-free
+GRAD_MAXNREG = 128
+GRAD_WARPS_F32 = 4
+GRAD_STAGES_F32 = 1
 
 # ---- bounded path (and the per-patch statistics) -----------------------------------------
 # 32 x 32 similarity tiles, BLOCK_K = 64 elements per load; the backward holds a
@@ -481,20 +489,20 @@ def _ncl_grad_kernel(
     xmask = rows < n_used
     x_is_p = rows < n_p
     d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
-    nrm_x, lse_x, w_x, k1, c_pos, c_neg, dot_x = _row_setup(
-        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
-    )
     feat_b = feat_ptr + b * stride_fb
-    # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows)
+    # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows);
+    # what only the end needs is loaded there, so that it holds no registers in the loops
     pair = tl.zeros([BX, BD], dtype=tl.float32)
+    pdot = tl.zeros([BX], dtype=tl.float32)
     if (n_p >= 2) & (n_n >= 1):
         ws_b = _ws_block(ws_ptr, plan_ptr, b)
         ld = _ws_ld(n_used)
-        pdot = tl.zeros([BX], dtype=tl.float32)
         # Tiles of S load as whole aligned runs of 4 columns (the rows' padding up to ld
         # lies inside the block: 128-bit loads); the exact mask then selects the values.
         # 1. x in P: sum_y dL/ds_xy hat f_y over y in P u N (row x of S)
         if x0 < n_p:
+            lse_x = tl.load(lse_ptr + b * L + rows, mask=x_is_p, other=0.0)
+            w_x = tl.load(w_ptr + b * L + rows, mask=x_is_p, other=0.0)
             for iy in range(0, tl.cdiv(n_used, BY)):
                 cols = iy * BY + tl.arange(0, BY)
                 ymask = cols < n_used
@@ -528,8 +536,14 @@ def _ncl_grad_kernel(
             poff_y = _patch_offsets(perm_b, ys, ymask, Q, P_, stride_fy, stride_fx)
             fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :], other=0.0)
             pair = tl.dot(tl.trans(ct * rn_y[:, None]), fy.to(tl.float32), pair, input_precision=PRECISION)
+        n_pf = n_p.to(tl.float32)
+        k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
         pair = k1 * pair
-        dot_x += k1 * pdot
+        pdot = k1 * pdot
+    nrm_x, _, _, _, c_pos, c_neg, dot_x = _row_setup(
+        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+    )
+    dot_x += pdot
     # the anchors' share, then through the normalization into the map's own layout;
     # contour rows of a mixed tile get 0
     fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
@@ -1011,8 +1025,8 @@ def ncl_terms_bwd(
             feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
             BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
-            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS,
-            num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES,
+            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
+            num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
         )
         bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
         n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, bd)
