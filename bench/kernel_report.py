@@ -1,7 +1,9 @@
 """Compile every GPU kernel of the project ahead of time, with no GPU, and report
 what the compiler made of it: registers, spills, shared memory, stack frame, and
 which matrix instructions the machine code uses (HGMMA = Hopper's wgmma, HMMA =
-mma.sync, none = FFMA only).
+mma.sync, none = FFMA only), the global loads by width, and how many blocks of
+each kernel fit on one multiprocessor (`blocks_per_sm`: registers, warps and
+shared memory, as CUDA's occupancy calculator counts them).
 
 * Triton kernels: the launchers of `ncl_fast.kernels` are run on CPU tensors of
   the exact shapes, dtypes and layouts a training step passes (the paper's stage
@@ -15,7 +17,7 @@ mma.sync, none = FFMA only).
   that Triton ships.
 * The extension's CUDA kernels: `nvcc -Xptxas -v` for sm_80 and sm_90.
 
-Run: python bench/kernel_report.py [--arch 90,80] [--no-cuda-ext] [--json out.json]
+Run: python bench/kernel_report.py [--arch 90,80] [--no-cuda-ext] [--json out.json] [--load-lines KERNEL]
 Exit status 1 if a kernel fails to compile or a default variant spills.
 """
 from __future__ import annotations
@@ -104,6 +106,38 @@ def compile_launch(kernel, args, kwargs, arch: int):
     return triton.compile(src, target=target, options=options.__dict__)
 
 
+# ---- occupancy ---------------------------------------------------------------------------
+
+# Per multiprocessor, sm_80 (A100) and sm_90 (H100/H200): 64K 32-bit registers in 4
+# sub-partitions, allocated per warp in units of 256; at most 64 warps and 32 blocks;
+# shared memory 164 KiB (sm_80) / 228 KiB (sm_90) at the largest carve-out, allocated
+# per block in units of 128 B, plus 1 KiB the system reserves per block.
+SM_REGS = 65536
+SM_SUBPARTITIONS = 4
+REG_UNIT = 256
+SM_MAX_WARPS = 64
+SM_MAX_BLOCKS = 32
+SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
+SMEM_RESERVED = 1024
+SMEM_UNIT = 128
+
+
+def blocks_per_sm(registers: int, warps: int, smem_bytes: int, arch: int) -> tuple[int, int, int]:
+    """(resident blocks per SM, the registers' limit, the shared memory's limit) of a
+    kernel using `registers` per thread, `warps` per block and `smem_bytes` of shared
+    memory per block (cudaOccupancyMaxActiveBlocksPerMultiprocessor's arithmetic)."""
+    per_warp = -(-max(registers, 1) * 32 // REG_UNIT) * REG_UNIT
+    by_regs = (SM_REGS // SM_SUBPARTITIONS // per_warp) * SM_SUBPARTITIONS // warps
+    per_block = -(-(smem_bytes + SMEM_RESERVED) // SMEM_UNIT) * SMEM_UNIT
+    by_smem = SM_SMEM[arch] // per_block
+    return min(by_regs, by_smem, SM_MAX_WARPS // warps, SM_MAX_BLOCKS), by_regs, by_smem
+
+
+def occupancy_cell(registers: int, warps: int, smem_bytes: int, arch: int) -> str:
+    n, by_regs, by_smem = blocks_per_sm(registers, warps, smem_bytes, arch)
+    return f"{n} (regs {by_regs}, smem {by_smem})"
+
+
 # ---- reading the machine code ------------------------------------------------------------
 
 PTXAS_RE = {
@@ -149,7 +183,34 @@ def sass_mma(cubin: bytes) -> dict:
         "LDG16": len(re.findall(r"\bLDG\.E(?:\.\w+)*\.(?:U16|S16|U8|S8)\b", sass)),
         "LDG": len(re.findall(r"\bLDG\.E\b", sass)),
         "LDGSTS": len(re.findall(r"\bLDGSTS\b", sass)),
+        # cp.async by width: 16 B (.128), 8 B (.64), 4 B
+        "LDGSTS128": len(re.findall(r"\bLDGSTS(?:\.\w+)*\.128\b", sass)),
+        "LDGSTS64": len(re.findall(r"\bLDGSTS(?:\.\w+)*\.64\b", sass)),
     }
+
+
+def ptx_loads_by_line(ptx: str, source: str) -> list[tuple[int, str, int]]:
+    """(source line, PTX global load or cp.async with its width, count) from the PTX's
+    `.loc` directives: the last one before the load, except that within an inline-asm
+    block (where Triton emits one per operand, on successive lines) the first counts."""
+    out: dict[tuple[int, str], int] = {}
+    line, in_asm, asm_loc = 0, False, False
+    name = os.path.basename(source)
+    for text in ptx.splitlines():
+        if "begin inline asm" in text or "end inline asm" in text:
+            in_asm, asm_loc = "begin" in text, False
+            continue
+        m = re.search(r"\.loc\s.*//\s*([\w.]+):(\d+)", text)
+        if m:
+            if not asm_loc:
+                line = int(m.group(2)) if m.group(1) == name else 0
+            asm_loc = in_asm
+            continue
+        m = re.search(r"\b(ld\.global(?:\.\w+)*)|\bcp\.async\.c[ag]\.shared\.global\b.*,\s*(0x[0-9a-f]+)", text)
+        if m:
+            op = m.group(1) or f"cp.async {int(m.group(2), 16)} B"
+            out[(line, op)] = out.get((line, op), 0) + 1
+    return sorted((ln, op, n) for (ln, op), n in out.items())
 
 
 # ---- the launches of a training step -----------------------------------------------------
@@ -184,7 +245,7 @@ def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4)
 
 
 def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
-                dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> tuple[list[list], list[str]]:
+                dtypes=(torch.float32, torch.bfloat16, torch.float16), load_lines: str = "") -> tuple[list[list], list[str]]:
     rows, problems, seen = [], [], {}
     for stage in stages:
         for dtype in dtypes:
@@ -198,7 +259,7 @@ def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
                             ck = compile_launch(kernel, args, kwargs, arch)
                         except Exception as err:  # report every failure, then fail
                             problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: {type(err).__name__}: {err}")
-                            rows.append([kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", "", ""])
+                            rows.append([kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", "", "", ""])
                             continue
                         key = (kernel.__name__, arch, ck.hash)
                         if key not in seen:
@@ -209,13 +270,23 @@ def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
                             problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: spills {spills} B")
                         md = ck.metadata
                         matrix = ("wgmma" if mma["HGMMA"] else "mma.sync" if mma["HMMA"] else "-")
+                        cp_other = mma["LDGSTS"] - mma["LDGSTS128"] - mma["LDGSTS64"]
                         rows.append([
                             kernel.__name__, variant, f"sm_{arch}", rep["registers"],
                             f"{rep['spill_stores']}/{rep['spill_loads']}", rep["stack"],
                             f"{md.shared / 1024:.1f}", f"{md.num_warps}w x{md.num_stages}",
+                            occupancy_cell(rep["registers"], md.num_warps, md.shared + rep["smem_static"], arch),
                             f"{matrix} ({mma['HGMMA']} HGMMA, {mma['HMMA']} HMMA, {mma['FFMA']} FFMA)",
-                            f"{mma['LDG128']}/{mma['LDG64']}/{mma['LDG']}/{mma['LDG16']}, {mma['LDGSTS']}",
+                            f"{mma['LDG128']}/{mma['LDG64']}/{mma['LDG']}/{mma['LDG16']}, "
+                            f"{mma['LDGSTS128']}/{mma['LDGSTS64']}/{cp_other}",
                         ])
+                        if load_lines and load_lines in kernel.__name__:
+                            src = kernel.fn.__code__.co_filename
+                            lines = open(src).read().splitlines()
+                            print(f"{kernel.__name__} [{variant}] sm_{arch}: global loads by source line (PTX)")
+                            for ln, op, n in ptx_loads_by_line(ck.asm["ptx"], src):
+                                text = lines[ln - 1].strip()[:80] if 0 < ln <= len(lines) else "?"
+                                print(f"  {os.path.basename(src)}:{ln}: {n} x {op}   {text}")
     return rows, problems
 
 
@@ -240,6 +311,12 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
     if not os.path.exists(nvcc):
         return [], [f"nvcc not found at {nvcc}: the extension's kernels were not compiled"]
     includes = sum((["-I", p] for p in cpp_extension.include_paths(device_type="cuda")), [])
+    # every kernel of the extension runs kTileW x kTileH threads per block
+    text = open(src).read()
+    threads = 1
+    for dim in ("kTileW", "kTileH"):
+        m = re.search(rf"constexpr int {dim} = (\d+);", text)
+        threads *= int(m.group(1)) if m else 1
     rows, problems = [], []
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +337,9 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
             m = re.search(r"Used (\d+) registers", line)
             if m and current:
                 smem = re.search(r"(\d+) bytes smem", line)
-                rows.append([current, f"sm_{arch}", int(m.group(1)), smem.group(1) if smem else "0"])
+                regs, static = int(m.group(1)), int(smem.group(1)) if smem else 0
+                rows.append([current, f"sm_{arch}", regs, static,
+                             occupancy_cell(regs, threads // 32, static, arch) if threads >= 32 else "?"])
             m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
             if m and current and (int(m.group(2)) or int(m.group(3))):
                 problems.append(f"{current} sm_{arch}: spills {m.group(2)}/{m.group(3)} B")
@@ -277,26 +356,29 @@ def main() -> None:
     ap.add_argument("--kernels", default="", help="only kernels whose names contain one of these (comma-separated)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--load-lines", default="",
+                    help="also print the global loads of the kernels whose names contain this, by source line")
     args = ap.parse_args()
     archs = [int(a) for a in args.arch.split(",")]
     print(f"Triton {triton.__version__}, torch {torch.__version__}; ptxas and cuobjdump from {TRITON_BIN}\n")
     rows, problems = triton_rows(archs, args.kernels, args.stages.split(","),
-                                 [getattr(torch, d) for d in args.dtypes.split(",")])
+                                 [getattr(torch, d) for d in args.dtypes.split(",")], args.load_lines)
     print(table(["kernel", "variant", "arch", "registers", "spill st/ld B", "stack B", "smem KiB", "warps x stages",
-                 "matrix instructions", "global loads 128/64/32/16-bit, cp.async"], rows))
+                 "blocks/SM", "matrix instructions", "global loads 128/64/32/16-bit, cp.async 16/8/4 B"], rows))
     ext_rows = []
     if not args.no_cuda_ext:
         ext_rows, ext_problems = cuda_ext_rows(archs)
         problems += ext_problems
         print()
-        print(table(["CUDA kernel (extension)", "arch", "registers", "smem B"], ext_rows))
+        print(table(["CUDA kernel (extension)", "arch", "registers", "static smem B",
+                     "blocks/SM (static smem only)"], ext_rows))
     import work_model
 
     from ncl_fast.kernels import ncl_terms as kn
 
     for dname, esize in (("bf16", 2), ("fp32", 4)):
         for c in ((93, 877, 54), (300, 650, 74)):
-            stored_all = 4 * c[0] * (c[0] + c[1]) <= int(kn.SIM_BUDGET * 4 * 64 * 256 * 256 * esize) // 4
+            stored_all = 4 * c[0] * work_model.ws_ld(c[0], c[1]) <= int(kn.SIM_BUDGET * 4 * 64 * 256 * 256 * esize) // 4
             print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
                   f"[|P|, |N|, |K|] = {list(c)} per image"
                   + ("" if stored_all else " (every block assumed stored; the default workspace holds fewer)"))

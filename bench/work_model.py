@@ -20,6 +20,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def ws_ld(p: int, n: int) -> int:
+    """Row stride of an image's block in the workspace: |P| + |N| padded to 16 bytes."""
+    from ncl_fast.kernels import ncl_terms as k
+
+    align = k.WS_ALIGN.value  # a tl.constexpr
+    return cdiv(p + n, align) * align
+
+
 @dataclass
 class Launch:
     kernel: str
@@ -50,8 +58,8 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
     bk = k.SIM_BK_F32 if fp32 else k.SIM_BK_HALF
     sim_tile_macs = k.SIM_BM * k.SIM_BN * cdiv(D, bk) * bk
     out.append(Launch("_ncl_sim_kernel", sim_progs, sim_working, sim_working * sim_tile_macs,
-                      sim_working * (k.SIM_BM + k.SIM_BN) * D * esize
-                      + sum(4 * p * (p + n) for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok),
+                      sim_working * (k.SIM_BM + k.SIM_BN) * D * esize  # S written, rows padded
+                      + sum(4 * p * ws_ld(p, n) for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok),
                       sim_working))
     rows_working = sum(cdiv(p, k.ROWS_BM) for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok)
     out.append(Launch("_ncl_rows_kernel", B * cdiv(L, k.ROWS_BM), rows_working, 0,

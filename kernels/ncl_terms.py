@@ -26,8 +26,9 @@ and the normalization's backward
 Two paths, chosen per image on the device (no host synchronization):
 
 * **Stored** (the default): the image's block S = [s_my] (m in P, y in P u N),
-  |P|(|P|+|N|) fp32 values, lives in a workspace between the forward and the
-  backward. The forward is one tiled GEMM over (row tile x column tile)
+  |P| rows of |P|+|N| fp32 values (each row padded to a multiple of 4 values, so
+  that rows and blocks start 16-byte aligned), lives in a workspace between the
+  forward and the backward. The forward is one tiled GEMM over (row tile x column tile)
   (`_ncl_sim_kernel`) and one pass over S for the row log-sum-exps and the t1
   sums (`_ncl_rows_kernel`). The backward is one kernel (`_ncl_grad_kernel`)
   parallel over (patch tile x chunk of D): for its patches x it forms the
@@ -95,13 +96,21 @@ SIM_STAGES = 3
 # Row pass over S: 16 rows x 128 columns per step.
 ROWS_BM = 16
 ROWS_BC = 128
-# Backward: 64 patches x 128 values of D per program, 32 partners per step.
+# Backward: 64 patches x 64 values of D per program, 16 partners per step. At least
+# two blocks per SM on sm_80 and sm_90 (bench/kernel_report.py's "blocks/SM"):
+# bf16/fp16 run 8 warps within 128 registers (2 x 256 threads x 128 = the 64K register
+# file); fp32 (tf32x3: three products, split operands) runs 4 warps, one stage in
+# flight (sm_80's mma.sync needs up to 255 registers there: 2 blocks of 128 threads).
+# The price of the 64-wide chunks: each program reads S and forms its coefficients
+# for 64 values of D, twice as often as with 128 (the GEMMs' multiply-adds are equal).
 GRAD_BX = 64
 GRAD_BY = 16
-GRAD_BD = 128
+GRAD_BD = 64
 GRAD_WARPS = 8
 GRAD_STAGES = 2
-GRAD_STAGES_F32 = 1  # fp32 tiles: one stage in flight keeps sm_80 (mma.sync, tf32x3) spill-free
+GRAD_MAXNREG = 128
+GRAD_WARPS_F32 = 4
+GRAD_STAGES_F32 = 1
 
 # ---- bounded path (and the per-patch statistics) -----------------------------------------
 # 32 x 32 similarity tiles, BLOCK_K = 64 elements per load; the backward holds a
@@ -121,6 +130,10 @@ STATS_BK = 512
 # Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program).
 ANCHOR_SPLITS = 4
 
+# Row stride of the workspace blocks, in fp32 values: rows (and blocks) start 16-byte
+# aligned, so that the backward's tiles of S load as 128-bit vectors.
+WS_ALIGN: tl.constexpr = tl.constexpr(4)
+
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "tf32x3")
 SIM_BUDGET = float(os.environ.get("NCL_FAST_SIM_BUDGET", "0.075"))
@@ -134,11 +147,14 @@ def _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST: tl.constex
     if CHANNELS_LAST:
         ch = k % C
         ij = k // C
+        i = ij // P_
+        j = ij % P_
     else:
+        # k // P_ and k % P_ of k itself (not of k % (P_ * P_)): Triton's alignment
+        # analysis then sees runs of P_ contiguous, aligned offsets (vector loads)
         ch = k // (P_ * P_)
-        ij = k % (P_ * P_)
-    i = ij // P_
-    j = ij % P_
+        i = (k // P_) % P_
+        j = k % P_
     return ch * stride_c + i * stride_y + j * stride_x, ch * P_ * P_ + i * P_ + j
 
 
@@ -160,6 +176,21 @@ def _softplus(z):
 @triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _ws_ld(n_used):
+    """Row stride of an image's block S in the workspace: |P| + |N| rounded up to a
+    multiple of WS_ALIGN fp32 (16-byte rows). Every block is |P| rows of it, so every
+    block starts 16-byte aligned too (the plan's offsets are sums of block sizes)."""
+    return (n_used + (WS_ALIGN - 1)) // WS_ALIGN * WS_ALIGN
+
+
+@triton.jit
+def _ws_block(ws_ptr, plan_ptr, b):
+    """The image's block in the workspace; its offset is a multiple of WS_ALIGN, which
+    the alignment analysis is told (with a 16-byte aligned `ws_ptr`: 128-bit accesses)."""
+    return ws_ptr + tl.multiple_of(tl.load(plan_ptr + b * 2), WS_ALIGN)
 
 
 @triton.jit
@@ -212,7 +243,7 @@ def _ncl_stats_fwd_kernel(
         for bb in range(0, b + 1):
             n_p = tl.load(counts_ptr + bb * 3).to(tl.int64)
             n_n = tl.load(counts_ptr + bb * 3 + 1).to(tl.int64)
-            size = tl.where((n_p >= 2) & (n_n >= 1), n_p * (n_p + n_n), 0)
+            size = tl.where((n_p >= 2) & (n_n >= 1), n_p * _ws_ld(n_p + n_n), 0)
             fits = off + size <= budget
             if bb == b:
                 stored = fits.to(tl.int64)
@@ -278,7 +309,6 @@ def _ncl_sim_kernel(
     c0 = tn * BN
     if (stored == 0) | (n_p < 2) | (n_n < 1) | (m0 >= n_p) | (c0 >= n_used):
         return
-    off = tl.load(plan_ptr + b * 2)
     feat_b = feat_ptr + b * stride_fb
     perm_b = perm_ptr + b * L
     rows = m0 + tl.arange(0, BM)
@@ -291,8 +321,10 @@ def _ncl_sim_kernel(
     rn_n = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cmask, other=1.0), eps)
     s = _sim_tile(feat_b, poff_m, rmask, rn_m, poff_n, cmask, rn_n, C, P_, D, stride_fc, stride_fy,
                   stride_fx, inv_tau, BM, BN, BK, CHANNELS_LAST, UPCAST, PRECISION)
-    ld = n_used.to(tl.int64)
-    tl.store(ws_ptr + off + rows[:, None].to(tl.int64) * ld + cols[None, :], s,
+    # rows of ld values; the padding columns [|P| + |N|, ld) are never written (nor read
+    # as values)
+    ld = _ws_ld(n_used)
+    tl.store(_ws_block(ws_ptr, plan_ptr, b) + rows[:, None].to(tl.int64) * ld + cols[None, :], s,
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -316,7 +348,7 @@ def _ncl_rows_kernel(
         return
     rows = m0 + tl.arange(0, BM)
     rmask = rows < n_p
-    row_ptr = ws_ptr + tl.load(plan_ptr + b * 2) + rows.to(tl.int64) * n_used.to(tl.int64)
+    row_ptr = _ws_block(ws_ptr, plan_ptr, b) + rows.to(tl.int64) * _ws_ld(n_used)
     # 1. lam_m: online, max-shifted log-sum-exp over the authentic columns; every
     #    step holds a column, so the running max of a valid row is finite
     run_max = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -457,23 +489,27 @@ def _ncl_grad_kernel(
     xmask = rows < n_used
     x_is_p = rows < n_p
     d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
-    nrm_x, lse_x, w_x, k1, c_pos, c_neg, dot_x = _row_setup(
-        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
-    )
     feat_b = feat_ptr + b * stride_fb
-    # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows)
+    # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows);
+    # what only the end needs is loaded there, so that it holds no registers in the loops
     pair = tl.zeros([BX, BD], dtype=tl.float32)
+    pdot = tl.zeros([BX], dtype=tl.float32)
     if (n_p >= 2) & (n_n >= 1):
-        ws_b = ws_ptr + tl.load(plan_ptr + b * 2)
-        ld = n_used.to(tl.int64)
-        pdot = tl.zeros([BX], dtype=tl.float32)
+        ws_b = _ws_block(ws_ptr, plan_ptr, b)
+        ld = _ws_ld(n_used)
+        # Tiles of S load as whole aligned runs of 4 columns (the rows' padding up to ld
+        # lies inside the block: 128-bit loads); the exact mask then selects the values.
         # 1. x in P: sum_y dL/ds_xy hat f_y over y in P u N (row x of S)
         if x0 < n_p:
-            for y0 in range(0, n_used, BY):
-                cols = y0 + tl.arange(0, BY)
+            lse_x = tl.load(lse_ptr + b * L + rows, mask=x_is_p, other=0.0)
+            w_x = tl.load(w_ptr + b * L + rows, mask=x_is_p, other=0.0)
+            for iy in range(0, tl.cdiv(n_used, BY)):
+                cols = iy * BY + tl.arange(0, BY)
                 ymask = cols < n_used
                 ok = x_is_p[:, None] & ymask[None, :] & (rows[:, None] != cols[None, :])
-                s = tl.load(ws_b + rows[:, None].to(tl.int64) * ld + cols[None, :], mask=ok, other=0.0)
+                s = tl.load(ws_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
+                            mask=x_is_p[:, None] & (cols < ld)[None, :], other=0.0)
+                s = tl.where(ok, s, 0.0)
                 c = tl.where((cols < n_p)[None, :], -_sigmoid(lse_x[:, None] - s),
                              w_x[:, None] * tl.exp(s - lse_x[:, None]))
                 c = tl.where(ok, c, 0.0)
@@ -484,11 +520,13 @@ def _ncl_grad_kernel(
                              other=0.0)
                 pair = tl.dot(c * rn_y[None, :], fy.to(tl.float32), pair, input_precision=PRECISION)
         # 2. every x: sum_y dL/ds_yx hat f_y over y in P (column x of S)
-        for y0 in range(0, n_p, BY):
-            ys = y0 + tl.arange(0, BY)
+        for iy in range(0, tl.cdiv(n_p, BY)):
+            ys = iy * BY + tl.arange(0, BY)
             ymask = ys < n_p
             ok = ymask[:, None] & xmask[None, :] & (ys[:, None] != rows[None, :])
-            st = tl.load(ws_b + ys[:, None].to(tl.int64) * ld + rows[None, :], mask=ok, other=0.0)  # [BY, BX]
+            st = tl.load(ws_b + ys[:, None].to(tl.int64) * ld + rows[None, :],
+                         mask=ymask[:, None] & (rows < ld)[None, :], other=0.0)  # [BY, BX]
+            st = tl.where(ok, st, 0.0)
             lse_y = tl.load(lse_ptr + b * L + ys, mask=ymask, other=0.0)
             w_y = tl.load(w_ptr + b * L + ys, mask=ymask, other=0.0)
             ct = tl.where(x_is_p[None, :], -_sigmoid(lse_y[:, None] - st), w_y[:, None] * tl.exp(st - lse_y[:, None]))
@@ -498,8 +536,14 @@ def _ncl_grad_kernel(
             poff_y = _patch_offsets(perm_b, ys, ymask, Q, P_, stride_fy, stride_fx)
             fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :], other=0.0)
             pair = tl.dot(tl.trans(ct * rn_y[:, None]), fy.to(tl.float32), pair, input_precision=PRECISION)
+        n_pf = n_p.to(tl.float32)
+        k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
         pair = k1 * pair
-        dot_x += k1 * pdot
+        pdot = k1 * pdot
+    nrm_x, _, _, _, c_pos, c_neg, dot_x = _row_setup(
+        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+    )
+    dot_x += pdot
     # the anchors' share, then through the normalization into the map's own layout;
     # contour rows of a mixed tile get 0
     fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
@@ -981,8 +1025,8 @@ def ncl_terms_bwd(
             feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
             BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
-            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS,
-            num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES,
+            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
+            num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
         )
         bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
         n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, bd)

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for sm_90 and sm_80 at the exact
 arguments a training step passes, and no default variant spills registers
-(`bench/kernel_report.py`; no GPU needed: Triton's own ptxas and cuobjdump)."""
+(`bench/kernel_report.py`; no GPU needed: Triton's own ptxas and cuobjdump). The
+stored path's backward keeps two blocks per SM and loads S in 128-bit vectors."""
 import os
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # stage 1 covers every kernel and variant (stage 2 differs only in runtime sizes)
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), "--stages", "stage 1", "--no-cuda-ext"],
+        [sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), "--stages", "stage 1", "--no-cuda-ext",
+         "--load-lines", "_ncl_grad_kernel"],
         capture_output=True, text=True, env=env, timeout=1800,
     )
     out = proc.stdout + proc.stderr
@@ -36,3 +38,18 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
     for line in out.splitlines():
         if line.startswith(("| _ncl_sim_kernel", "| _ncl_grad_kernel")) and "| sm_90 |" in line:
             assert "wgmma" in line, line
+    # the backward: at least two resident blocks per SM (registers and shared memory),
+    # on both architectures, in every variant
+    header = next(line for line in out.splitlines() if line.startswith("| kernel |"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("blocks/SM")
+    grad_rows = [line for line in out.splitlines()
+                 if line.startswith("| _ncl_grad_kernel |") and ("| sm_90 |" in line or "| sm_80 |" in line)]
+    assert len(grad_rows) == 12, grad_rows  # 3 dtypes x 2 layouts x 2 architectures
+    for line in grad_rows:
+        assert int(line.strip("|").split("|")[col].split()[0]) >= 2, line
+    # ... and every load of S (its rows padded to 16 bytes) is a 128-bit load or a
+    # 16-byte cp.async
+    s_loads = [line for line in out.splitlines() if "tl.load(ws_b +" in line]
+    assert len(s_loads) >= 24, s_loads  # both tiles of S, 12 variants
+    for line in s_loads:
+        assert " x ld.global.v4.b32 " in line or " x cp.async 16 B " in line, line

@@ -277,19 +277,74 @@ def test_mixed_batch_stores_what_fits(gen, monkeypatch):
 
     shape = (3, 4, 12, 12, 2)
     feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
-    labels[0] = torch.tensor([1] * 4 + [0] * 30 + [2] * 2, dtype=torch.uint8)  # block 4 x 34 = 136
+    # blocks of |P| rows, |P| + |N| padded to a multiple of 4 values (16-byte rows)
+    labels[0] = torch.tensor([1] * 4 + [0] * 30 + [2] * 2, dtype=torch.uint8)  # block 4 x 36 = 144
     labels[1] = torch.tensor([1] * 12 + [0] * 20 + [2] * 4, dtype=torch.uint8)  # 12 x 32 = 384
     labels[2] = torch.tensor([1] * 2 + [0] * 30 + [2] * 4, dtype=torch.uint8)  # 2 x 32 = 64
     labels = labels[:, torch.randperm(36, generator=gen)]
     map_bytes = feat.numel() * feat.element_size()
-    monkeypatch.setattr(k, "SIM_BUDGET", (136 + 64 + 10) * 4 / map_bytes)
-    assert k.workspace_elems(feat) >= 200 and k.workspace_elems(feat) < 136 + 384
+    monkeypatch.setattr(k, "SIM_BUDGET", (144 + 64 + 10) * 4 / map_bytes)
+    assert k.workspace_elems(feat) >= 208 and k.workspace_elems(feat) < 144 + 384
     terms, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
-    assert plan.tolist() == [[0, 1], [136, 0], [136, 1]]
+    assert plan.tolist() == [[0, 1], [144, 0], [144, 1]]
     check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
     grad_out = torch.rand(3, 3, generator=gen) + 0.5
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
     _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    check_grads(grads, want, torch.float32)
+
+
+def test_workspace_blocks_are_16_byte_aligned(gen, monkeypatch):
+    # Every stored block's rows are |P| + |N| padded to a multiple of 4 fp32 values, so
+    # every row, and every block (the plan's offsets are sums of block sizes), starts
+    # 16 bytes into the workspace: the backward's 128-bit loads of S rely on it.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+    feat, labels, a_pos, a_neg = make_case((4, 3, 12, 12, 2), "blobs", gen)
+    sizes = [(3, 2), (5, 30), (2, 31), (7, 26)]  # |P| + |N| = 5, 35, 33, 33: none a multiple of 4
+    labels = torch.stack([
+        torch.tensor([1] * np_ + [0] * nn + [2] * (36 - np_ - nn), dtype=torch.uint8)[torch.randperm(36, generator=gen)]
+        for np_, nn in sizes
+    ])
+    _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
+    offsets, off = [], 0
+    for np_, nn in sizes:
+        offsets.append(off)
+        off += np_ * (-(-(np_ + nn) // 4) * 4)
+    assert plan.tolist() == [[o, 1] for o in offsets]
+    assert all(o % 4 == 0 for o in offsets)
+
+
+def test_backward_reads_no_value_from_the_row_padding(gen, monkeypatch):
+    # The backward loads S in whole aligned runs of 4 columns, the rows' padding
+    # included, and must select its values with the exact mask: padding set to NaN
+    # between the forward and the backward changes nothing.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+
+    shape = (2, 3, 16, 16, 2)
+    feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
+    sizes = [(21, 42), (6, 49)]  # |P| + |N| = 63, 55: one padding column per row
+    labels = torch.stack([
+        torch.tensor([1] * np_ + [0] * nn + [2] * (64 - np_ - nn), dtype=torch.uint8)[torch.randperm(64, generator=gen)]
+        for np_, nn in sizes
+    ])
+    counts, perm = kl.patch_lists_fwd(labels)
+    out = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (8, 8), 0.1)
+    plan, ws = out[-2], out[-1]
+    assert plan[:, 1].tolist() == [1, 1]
+    for (np_, nn), (off, _) in zip(sizes, plan.tolist()):
+        ld = -(-(np_ + nn) // 4) * 4
+        ws[off: off + np_ * ld].view(np_, ld)[:, np_ + nn:] = float("nan")
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    grads = k.ncl_terms_bwd(grad_out, feat, a_pos, a_neg, counts, perm, out[1:], 2, (8, 8), 0.1)
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    assert all(torch.isfinite(g).all() for g in grads)
     check_grads(grads, want, torch.float32)
 
 

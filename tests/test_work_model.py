@@ -64,7 +64,7 @@ def test_work_model_matches_the_kernels(path, gen, monkeypatch):
         for np_, nn in sizes
     ])
     counts = [(np_, nn, L - np_ - nn) for np_, nn in sizes]
-    blocks = [np_ * (np_ + nn) for np_, nn in sizes]
+    blocks = [np_ * work_model.ws_ld(np_, nn) for np_, nn in sizes]  # rows padded to 16 bytes
     feat = torch.randn(B, C, h, h, generator=gen, requires_grad=True)
     a_pos = torch.randn(B, D, generator=gen, requires_grad=True)
     a_neg = torch.randn(B, D, generator=gen, requires_grad=True)
