@@ -366,7 +366,7 @@ def plot(tables: dict, runs: dict, path: Path) -> None:
     for i, table in enumerate(tables.values()):
         for j, (key, title) in enumerate(panels):
             ax = axes[i][j]
-            for row in table["rows"]:
+            for k, row in enumerate(table["rows"]):  # one colour per configuration in every panel
                 series, xs = [], None
                 for seed in row["seeds"]:
                     curves = runs[(row["config"], seed)]["curves"]
@@ -383,9 +383,9 @@ def plot(tables: dict, runs: dict, path: Path) -> None:
                 n = min(len(s) for s in series)
                 arr = np.array([s[:n] for s in series], dtype=float)
                 x = np.array(xs[:n]) + 1
-                ax.plot(x, arr.mean(0), label=row["label"])
+                ax.plot(x, arr.mean(0), label=row["label"], color=f"C{k}")
                 if len(series) > 1:
-                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
+                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2, color=f"C{k}")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
