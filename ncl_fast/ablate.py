@@ -121,7 +121,7 @@ def train_argv(args: argparse.Namespace, extra: list[str], config: str, seed: in
     if args.epochs is not None:
         argv += ["--epochs", str(args.epochs)]
     argv += ["--seed", str(seed), "--test_period", str(args.eval_every), "--output_dir", str(run_dir)]
-    return argv + [a for a in extra if a != "--no-progress"]
+    return argv + list(extra)
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
@@ -259,7 +259,7 @@ def run_one(args, extra, config: str, seed: int, ctx: distributed.Context, label
         state = state or {"config": config, "seed": seed, "argv": argv, "seconds": 0.0, "done": False}
         write_json(state_path, state)
     distributed.barrier(ctx)
-    quiet = ["--no-progress"] if args.no_progress or "--no-progress" in extra else []
+    quiet = ["--no-progress"] if args.no_progress else []  # not part of the run's identity
     targs = train.resolve_args(argv + quiet + (["--resume", "auto"] if resume else []))
     t0 = time.perf_counter()
     code = train.train(targs, ctx)
@@ -271,15 +271,16 @@ def run_one(args, extra, config: str, seed: int, ctx: distributed.Context, label
     state["exit_code"] = code
     if code == cli.OK:
         state.update(summarize_run(run_dir))
+        if not state["final"]:
+            state["done"] = False
+            write_json(state_path, state)
+            raise cli.UsageError(f"{run_dir}: the run has no test metrics; give --test_data_path (or leave "
+                                 f"--data_path out to use the synthetic set's test split)")
         try:
             state["probe"] = gradient_share(run_dir, ctx)
         except Exception as err:  # a diagnostic: never lose the run's result to it
             print(f"warning: {run_dir}: the NCL gradient probe failed ({type(err).__name__}: {err})", file=sys.stderr)
             state["probe"] = None
-        if not state["final"]:
-            state["done"] = False
-            raise cli.UsageError(f"{run_dir}: the run has no test metrics; give --test_data_path (or leave "
-                                 f"--data_path out to use the synthetic set's test split)")
     write_json(state_path, state)
     return code, state
 
@@ -408,8 +409,8 @@ def check_extra(args, extra: list[str]) -> None:
     if own:
         raise cli.UsageError(f"{' '.join(own)}: the runner sets this for every run; use --configs, --seeds, "
                              f"--output_dir or --eval_every instead")
-    config = plan(args)[0] if plan(args) else "base"
-    train.resolve_args(train_argv(args, extra, config, args.seeds[0], Path(args.output_dir) / "check"))
+    for config in plan(args):  # the ResNet and the ViT rows take different options
+        train.resolve_args(train_argv(args, extra, config, args.seeds[0], Path(args.output_dir) / "check"))
 
 
 @cli.command

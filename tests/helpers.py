@@ -68,3 +68,21 @@ def synthetic_split(folder, n: int, seed: int, n_train: int):
     (root / "train.json").write_text(json.dumps(pairs[:n_train]))
     (root / "test.json").write_text(json.dumps(pairs[n_train:]))
     return root
+
+
+#: `ncl_fast.train` options for a model that trains in seconds on the CPU (32 px images)
+TINY_TRAIN = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32",
+              "--test_image_size", "32", "--batch_size", "2", "--num_workers", "0", "--lr", "0.01", "--no-progress",
+              "--if_resizing"]
+
+
+def losses_over_steps(model, x, mask, opt, steps: int) -> list:
+    """The training loss of `model` on one batch over `steps` optimizer steps."""
+    losses = []
+    for _ in range(steps):
+        loss = model(x, mask)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

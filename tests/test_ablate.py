@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import synthetic_split
+from helpers import TINY_TRAIN, synthetic_split
 from ncl_fast import ablate, train
 
-TINY = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
-        "--batch_size", "2", "--num_workers", "0", "--lr", "0.01", "--if_resizing", "--no-progress"]
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import random_mask
+from helpers import losses_over_steps, random_mask
 from ncl_fast.model import DeepLabV3Plus, LossConfig, NCLModel, Pivot
 
 STAGE_CHANNELS = {
@@ -137,13 +137,7 @@ def test_model_can_learn(gen):
     mask = split_mask(2, 64, gen)
     x = x + 2 * mask  # a visible trace of the tampering
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    losses = []
-    for _ in range(8):
-        loss = model(x, mask)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = losses_over_steps(model, x, mask, opt, 8)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -7,15 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import synthetic_split
+from helpers import TINY_TRAIN, synthetic_split
 from ncl_fast import train
 from ncl_fast.checkpoint import load_checkpoint
 from ncl_fast.data import ForgeryDataset
 from ncl_fast.evaluate import main as evaluate_main
 from ncl_fast.predict import main as predict_main
 
-TINY = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
-        "--batch_size", "2", "--num_workers", "0", "--lr", "0.01", "--no-progress", "--if_resizing"]
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

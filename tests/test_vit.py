@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
-from helpers import random_mask, synthetic_split
+from helpers import losses_over_steps, random_mask, synthetic_split
 from ncl_fast import train
 from ncl_fast.checkpoint import load_checkpoint
 from ncl_fast.evaluate import main as evaluate_main
@@ -129,13 +129,7 @@ def test_model_can_learn(gen):
     mask = three_kinds_mask(2, 64, 64, gen)
     x = torch.randn(2, 3, 64, 64, generator=gen) + 2 * mask  # a visible trace of the tampering
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        loss = model(x, mask)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = losses_over_steps(model, x, mask, opt, 10)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
