@@ -106,6 +106,15 @@ def backbone(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def device(text: str) -> str:
+    """A torch device for a command: `cpu`, `cuda` or `cuda:N`."""
+    text = text.strip().lower()
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return text
+
+
 positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 positive_float = float_in(0.0, low_open=True)

@@ -16,116 +16,14 @@ Exit status: 0 done, 1 failure at run time, 2 bad input, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-from contextlib import nullcontext
-from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
-
-from . import cli, distributed, metrics
-from .checkpoint import load_checkpoint, strip_prefixes
-from .data import DatasetError, ForgeryDataset, list_test_sets, load_entries
-from .data.attacks import grid
-from .model import BACKBONES, LossConfig, NCLModel, describe_backbone
-
-TABLE_KEYS = metrics.NAMES + ("pixel-level F1 (tampered only)", "pixel-level F1 (dataset-level)")
-
-
-def autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "off":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4, num_workers: int = 2,
-                     amp: str = "off", desc: str = "evaluating", progress: bool = True) -> dict:
-    """Summary metrics of `net` (a DeepLabV3Plus or a ViTSegmenter) on `dataset`, every image once."""
-    was_training = net.training
-    net.eval()
-    shard = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
-    # its own generator: evaluating must not move the global RNG (exact resumption)
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=ctx.device.type == "cuda", shuffle=False, generator=torch.Generator())
-    rows = []
-    for batch in tqdm(loader, desc=desc, disable=not (ctx.is_main and progress), leave=False, unit="batch"):
-        image = batch["image"].to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda":
-            image = image.to(memory_format=torch.channels_last)
-        with autocast(ctx.device, amp):
-            prob = torch.sigmoid(net(image)["logits"].float())
-        mask = batch["mask"].to(ctx.device)
-        shape = batch["shape_mask"].to(ctx.device)
-        for k in range(prob.shape[0]):
-            r = metrics.image_metrics(prob[k, 0], mask[k, 0], shape[k, 0])
-            r["index"] = int(batch["index"][k])
-            rows.append(r)
-    net.train(was_training)
-    every = [r for part in distributed.gather_objects(rows, ctx) for r in part]
-    indices = sorted(r["index"] for r in every)
-    if indices != list(range(len(dataset))):
-        raise RuntimeError(f"evaluation covered {len(indices)} of {len(dataset)} images; each must be seen once")
-    return metrics.summarize(every)
-
-
-def fmt(value) -> str:
-    """A figure for a table: 4 decimals, or n/a when undefined."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.4f}"
-
-
-def markdown(name: str, results: dict[str, dict]) -> str:
-    """One table: a row per condition (clean, attacks), a column per metric; then why any n/a."""
-    lines = [f"### {name}", "", "| condition | " + " | ".join(TABLE_KEYS) + " | images |",
-             "|---" * (len(TABLE_KEYS) + 2) + "|"]
-    notes = {}
-    for cond, res in results.items():
-        cells = " | ".join(fmt(res[k]) for k in TABLE_KEYS)
-        lines.append(f"| {cond} | {cells} | {res['images']} |")
-        notes.update({k: why for k, why in res.get("undefined", {}).items() if k in TABLE_KEYS})
-    if notes:
-        lines.append("")
-        lines += [f"n/a: {k} is undefined: {why}." for k, why in notes.items()]
-    return "\n".join(lines)
-
-
-def model_from_checkpoint(path: str, device: torch.device, fallback: dict | None = None) -> tuple[NCLModel, dict]:
-    """Rebuild the model a checkpoint was trained with (`model_config`), load its weights.
-
-    A missing `pivot_stage` or `width` takes NCLModel's default for the backbone
-    (ResNet: 1 and 64; a ViT has neither and stores None)."""
-    ckpt = load_checkpoint(path)
-    cfg = dict(fallback or {})
-    cfg.update(ckpt.get("model_config", {}))
-    backbone = cfg.get("backbone", 101)
-    try:
-        model = NCLModel(
-            backbone, cfg.get("pivot_stage"), LossConfig(variant=cfg.get("variant", "full")),
-            dropout=cfg.get("dropout", 0.1), width=cfg.get("width"), head_channels=cfg.get("head_channels", 256),
-        )
-    except ValueError as err:  # a model_config no model fits: edited, or from another version
-        raise ValueError(f"checkpoint {path}: its model_config {cfg} builds no model ({err})") from None
-    state = strip_prefixes(ckpt["model"])
-    net = "DeepLabV3+" if isinstance(backbone, int) else "segmenter"
-    what = f"a {describe_backbone(backbone, cfg.get('width'))} {net}"
-    how = ("its model_config does not match the file's weights: it is damaged or was edited"
-           if "model_config" in ckpt else "pass --backbone as trained")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        first = str(err).strip().splitlines()[1:2]
-        raise ValueError(f"checkpoint {path} does not fit {what}: {first}; {how}") from None
-    needed = [k for k in missing if k.startswith("net.")]
-    if needed or any(k.startswith("net.") for k in unexpected):
-        raise ValueError(
-            f"checkpoint {path} does not fit {what} (missing {needed[:3]}, unexpected {list(unexpected)[:3]}); {how}"
-        )
-    return model.to(device).eval(), ckpt
+from . import cli, distributed
+from .data import DatasetError, list_test_sets, load_entries
+from .engine.checkpoints import model_from_checkpoint
+from .engine.evaluation import attack_grid, evaluate_sets, markdown
+from .model import BACKBONES
+from .outputs import OutputError, write_atomic, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ncl: the NCL paper's attacks; benco: IMDL-BenCo's grids (default: ncl)")
     ap.add_argument("--output_dir", "--output-dir", default=None,
                     help="folder for eval.json and eval.md (default: print only)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--device", type=cli.device, default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
     ap.add_argument("--backbone", type=cli.backbone, default=101, choices=BACKBONES,
                     help="a ResNet depth or ViT size, for checkpoints without model_config (default: 101)")
@@ -165,38 +63,28 @@ def main(argv=None) -> int:
     ctx = distributed.setup(args.device)
     try:
         try:
-            test_sets = list_test_sets(args.test_data_path)
-            entries = {name: load_entries(path)[0] for name, path in test_sets.items()}
+            test_sets = {name: load_entries(path)[0] for name, path in list_test_sets(args.test_data_path).items()}
             model, ckpt = model_from_checkpoint(args.checkpoint, ctx.device, {"backbone": args.backbone})
         except (DatasetError, FileNotFoundError, ValueError) as err:
             raise cli.UsageError(str(err)) from None
-        trained = ckpt.get("args", {}) or {}
+        trained = ckpt["args"]
         size = args.image_size or trained.get("test_image_size") or trained.get("image_size") or 512
         mode = "pad" if args.if_padding or (not args.if_resizing and trained.get("if_padding")) else "resize"
-        if ctx.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        attacks = grid(args.robustness_grid) if args.robustness else []
-        report, texts = {}, []
-        for name, ents in entries.items():
-            results = {}
-            for attack in [None] + attacks:
-                ds = ForgeryDataset(ents, size, mode, invert_masks=args.invert_masks, attack=attack)
-                cond = "clean" if attack is None else attack.name
-                results[cond] = evaluate_dataset(model.net, ds, ctx, args.batch_size, args.num_workers, args.amp,
-                                                 desc=f"evaluating {name} ({cond})", progress=not args.no_progress)
-            report[name] = results
-            texts.append(markdown(name, results))
+        report = evaluate_sets(model.net, test_sets, ctx, size, mode, batch_size=args.batch_size,
+                               num_workers=args.num_workers, amp=args.amp, invert_masks=args.invert_masks,
+                               attacks=attack_grid(args.robustness, args.robustness_grid),
+                               progress=not args.no_progress)
         if ctx.is_main:
             header = f"checkpoint {args.checkpoint}, {size}x{size} ({mode}), F1 at threshold 0.5"
-            print(header + "\n\n" + "\n\n".join(texts))
+            text = header + "\n\n" + "\n\n".join(markdown(name, results) for name, results in report.items())
+            print(text)
             if out is not None:
                 record = {"checkpoint": args.checkpoint, "size": size, "mode": mode, "results": report}
                 try:
-                    (out / "eval.json").write_text(json.dumps(cli.json_safe(record), indent=1, allow_nan=False))
-                    (out / "eval.md").write_text(header + "\n\n" + "\n\n".join(texts) + "\n")
-                except OSError as err:
-                    raise cli.RunError(f"cannot write {out / 'eval.json'} ({cli.describe_os_error(err)}); "
-                                       f"the results are printed above") from None
+                    write_json(out / "eval.json", record)
+                    write_atomic(out / "eval.md", text + "\n")
+                except OutputError as err:
+                    raise cli.RunError(f"{err}; the results are printed above") from None
                 print(f"\nwrote {out / 'eval.json'} and {out / 'eval.md'}")
     finally:
         distributed.teardown()

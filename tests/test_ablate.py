@@ -9,6 +9,7 @@ from PIL import Image
 
 from helpers import TINY_TRAIN, synthetic_split
 from ncl_fast import ablate, train
+from ncl_fast.engine import ablation, loop, records
 
 TINY = TINY_TRAIN
 
@@ -76,7 +77,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch)
     cmd = ["--tables", "variants", "--configs", "full", "--seeds", "0", "--epochs", "2"]
     assert ablate.main(argv(tmp_path / "a", data, *cmd)) == 0
     calls = []
-    original = train.Trainer.train_step
+    original = loop.Trainer.train_step
 
     def interrupt_at_step_6(self, batch, lr):
         calls.append(1)
@@ -84,11 +85,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch)
             raise KeyboardInterrupt
         return original(self, batch, lr)
 
-    monkeypatch.setattr(train.Trainer, "train_step", interrupt_at_step_6)
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupt_at_step_6)
     assert ablate.main(argv(tmp_path / "b", data, *cmd)) == 130
     state = json.loads((tmp_path / "b" / "full" / "seed0" / "run.json").read_text())
     assert not state["done"] and list((tmp_path / "b" / "full" / "seed0").glob("checkpoint-*.pth"))
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
     assert ablate.main(argv(tmp_path / "b", data, *cmd)) == 0
     a = json.loads((tmp_path / "a" / "full" / "seed0" / "run.json").read_text())
     b = json.loads((tmp_path / "b" / "full" / "seed0" / "run.json").read_text())
@@ -102,7 +103,7 @@ def test_vit_rows_take_the_vit_and_drop_resnet_options(tmp_path, data):
     run = json.loads((tmp_path / "vit-full" / "seed0" / "run.json").read_text())
     assert run["done"] and run["argv"][run["argv"].index("--backbone") + 1] == "vit_demo"
     assert "--width" not in run["argv"] and run["argv"].count("--backbone") == 1
-    from ncl_fast.checkpoint import newest_readable
+    from ncl_fast.engine.checkpoints import newest_readable
 
     _, ckpt, _ = newest_readable(tmp_path / "vit-full" / "seed0")
     assert ckpt["model_config"]["backbone"] == "vit_demo"
@@ -133,14 +134,14 @@ def test_gradient_probe_against_the_total_loss(tmp_path, data):
     import torch
 
     from ncl_fast import distributed
-    from ncl_fast.checkpoint import newest_readable
+    from ncl_fast.engine.checkpoints import newest_readable
     from ncl_fast.data import ForgeryDataset, load_entries
-    from ncl_fast.evaluate import model_from_checkpoint
+    from ncl_fast.engine.checkpoints import model_from_checkpoint
 
     # 64 px images and 8 px patches: tampered and authentic patches to contrast
     assert train.main(argv(tmp_path, data, "--variant", "full", "--epochs", "1", "--omega", "0.5", "--image_size",
                            "64", "--test_image_size", "64", "--patch_px", "8")) == 0
-    probe = ablate.gradient_share(tmp_path, distributed.Context(), batches=1)
+    probe = ablation.gradient_share(tmp_path, distributed.Context(), batches=1)
     path, ckpt, _ = newest_readable(tmp_path)
     model, _ = model_from_checkpoint(str(path), torch.device("cpu"))
     model.criterion.config.omega, model.criterion.config.patch_px = 0.5, 8
@@ -164,9 +165,9 @@ def test_metrics_of_several_test_sets():
     record = {"epoch": 3, "test_CASIAv1_pixel-level F1": 0.5, "test_CASIAv1_pixel-level AUC": 0.75,
               "test_Columbia_pixel-level F1": 0.25, "test_Columbia_pixel-level F1 (tampered only)": 0.9,
               "test_Columbia_pixel-level IOU": 0.125, "train_loss": 1.0}
-    assert ablate.test_metrics(record) == {
+    assert records.test_metrics(record) == {
         "CASIAv1": {"pixel-level F1": 0.5, "pixel-level AUC": 0.75},
         "Columbia": {"pixel-level F1": 0.25, "pixel-level IOU": 0.125},
     }
     one = {"test_pixel-level F1": 0.5, "test_pixel-level F1 (dataset-level)": 0.1, "test_pixel-level IOU": 0.2}
-    assert ablate.test_metrics(one) == {"test": {"pixel-level F1": 0.5, "pixel-level IOU": 0.2}}
+    assert records.test_metrics(one) == {"test": {"pixel-level F1": 0.5, "pixel-level IOU": 0.2}}

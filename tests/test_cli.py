@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ncl_fast import check_data, cli, evaluate, predict, synth, train
+from ncl_fast.engine.config import PRESETS, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSERS = {
@@ -44,7 +45,7 @@ def test_train_help_shows_preset_defaults_and_the_synthetic_cache(monkeypatch, t
     monkeypatch.setenv("NCL_FAST_SYNTH_DIR", str(tmp_path / "cache-here"))
     text = " ".join(train.build_parser().format_help().split())
     for key in ("batch_size", "lr", "epochs", "image_size", "backbone", "optimizer", "num_workers"):
-        values = f"demo: {train.PRESETS['demo'][key]}; paper: {train.PRESETS['paper'][key]}"
+        values = f"demo: {PRESETS['demo'][key]}; paper: {PRESETS['paper'][key]}"
         assert values in text, key
     assert str(tmp_path / "cache-here") in text
     assert "--output-dir OUTPUT_DIR folder for checkpoint-<epoch>.pth and log.txt" in text
@@ -83,7 +84,7 @@ BAD = [
 def test_bad_numbers_stop_every_command_with_exit_2(name, bad, message, capsys):
     with pytest.raises(SystemExit) as exc:
         if name == "train":
-            train.resolve_args(REQUIRED[name] + bad)
+            resolve(REQUIRED[name] + bad)
         else:
             MAINS[name](REQUIRED[name] + bad)
     assert exc.value.code == cli.USAGE
@@ -94,12 +95,12 @@ def test_bad_numbers_stop_every_command_with_exit_2(name, bad, message, capsys):
 def test_default_workers_follow_the_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     assert cli.default_workers() == 1
-    assert train.resolve_args([]).num_workers == 1  # the demo preset's 2, capped
-    assert train.resolve_args(["--preset", "paper"]).num_workers == 1
-    assert train.resolve_args(["--num_workers", "3"]).num_workers == 3  # asked for: kept
+    assert resolve([]).num_workers == 1  # the demo preset's 2, capped
+    assert resolve(["--preset", "paper"]).num_workers == 1
+    assert resolve(["--num_workers", "3"]).num_workers == 3  # asked for: kept
     assert evaluate.build_parser().parse_args(REQUIRED["evaluate"]).num_workers == 1
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert cli.default_workers() == 4 and train.resolve_args(["--preset", "paper"]).num_workers == 8
+    assert cli.default_workers() == 4 and resolve(["--preset", "paper"]).num_workers == 8
 
 
 def test_command_wrapper_maps_outcomes_to_exit_codes(capsys):

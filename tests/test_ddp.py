@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from helpers import synthetic_split
-from ncl_fast.checkpoint import load_checkpoint
+from ncl_fast.engine.checkpoints import load_checkpoint
 
 ARGS = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
         "--num_workers", "0", "--lr", "0.05", "--no-progress", "--if_resizing", "--variant", "base", "--dropout", "0",

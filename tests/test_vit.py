@@ -11,9 +11,13 @@ from torchvision.models.vision_transformer import VisionTransformer, interpolate
 
 from helpers import losses_over_steps, random_mask, synthetic_split
 from ncl_fast import train
-from ncl_fast.checkpoint import load_checkpoint
+from ncl_fast import distributed
+from ncl_fast.engine import loop
+from ncl_fast.engine.config import PRESETS, resolve
+from ncl_fast.engine.loop import run_training
+from ncl_fast.engine.checkpoints import load_checkpoint
 from ncl_fast.evaluate import main as evaluate_main
-from ncl_fast.evaluate import model_from_checkpoint
+from ncl_fast.engine.checkpoints import model_from_checkpoint
 from ncl_fast.model import (VIT_CONFIGS, DeepLabV3Plus, LossConfig, NCLModel, ViTConfig, ViTEncoder,
                             ViTSegmenter)
 from ncl_fast.predict import main as predict_main
@@ -188,16 +192,16 @@ def data(tmp_path_factory):
 
 
 def run(tmp, data, *extra, base=ARGS):
-    args = train.resolve_args(base + ["--data_path", str(data / "train.json"), "--test_data_path",
+    args = resolve(base + ["--data_path", str(data / "train.json"), "--test_data_path",
                                       str(data / "test.json"), "--output_dir", str(tmp)] + list(extra))
-    return train.train(args, train.distributed.setup("cpu"))
+    return run_training(args, distributed.setup("cpu"))
 
 
 def test_backbone_option():
-    assert train.resolve_args(["--backbone", "18"]).backbone == 18  # an int, as old checkpoints store it
-    args = train.resolve_args(["--backbone", "vit_small"])
+    assert resolve(["--backbone", "18"]).backbone == 18  # an int, as old checkpoints store it
+    args = resolve(["--backbone", "vit_small"])
     assert (args.backbone, args.pivot_stage, args.width) == ("vit_small", None, None)
-    assert train.resolve_args(["--backbone", "vit_base", "--preset", "paper"]).width is None
+    assert resolve(["--backbone", "vit_base", "--preset", "paper"]).width is None
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -209,7 +213,7 @@ def test_backbone_option():
 ])
 def test_bad_backbone_options_exit_2(bad, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        train.resolve_args(bad)
+        resolve(bad)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -265,7 +269,7 @@ def test_old_int_backbone_checkpoints_still_load_and_resume(tmp_path, data, monk
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
     resumed = {}
-    monkeypatch.setattr(train.Trainer, "run", lambda self: resumed.update(self.model.state_dict()) or 0)
+    monkeypatch.setattr(loop.Trainer, "run", lambda self: resumed.update(self.model.state_dict()) or 0)
     resnet = ["--backbone", "18", "--width", "8"] + ARGS[2:]
     assert run(tmp_path / "r", data, "--epochs", "2", "--resume", str(tmp_path / "old.pth"), base=resnet) == 0
     assert all(torch.equal(v, resumed[k]) for k, v in model.state_dict().items())

@@ -10,6 +10,12 @@ from .. import _checks, functional
 
 VARIANTS = ("base", "pivot", "full")
 
+#: the loss ops each variant runs (what a command announces a backend for)
+VARIANT_OPS = {"base": ("pc_bce",), "pivot": ("pc_bce", "patch_labels", "ncl_terms"),
+               "full": ("pc_loss", "patch_labels", "ncl_terms")}
+#: the scalars each variant's criterion returns, the total `loss` last
+VARIANT_PARTS = {"base": ("bce", "loss"), "pivot": ("bce", "ncl", "loss"), "full": ("pc", "ncl", "loss")}
+
 
 @dataclass
 class LossConfig:
@@ -33,6 +39,16 @@ class LossConfig:
             raise ValueError(f"tau must be positive, got {self.tau}")
         if self.patch_px < 1:
             raise ValueError(f"patch_px must be a positive integer, got {self.patch_px}")
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The loss ops this variant runs (`ncl_fast.functional` names)."""
+        return VARIANT_OPS[self.variant]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The names of the scalars the criterion returns, `loss` (the total) last."""
+        return VARIANT_PARTS[self.variant]
 
 
 class NCLCriterion(nn.Module):
