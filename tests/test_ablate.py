@@ -1,6 +1,8 @@
 """The ablation runner on a tiny model: tables, JSON and plot written; finished runs
 skipped; an interrupted run resumes to the same result; bad input refused."""
 import json
+import os
+import signal
 import statistics
 
 import numpy as np
@@ -36,7 +38,7 @@ def test_tables_json_plot_and_skip(tmp_path, data, capsys):
         for seed in (3, 5):
             run = json.loads((tmp_path / config / f"seed{seed}" / "run.json").read_text())
             assert run["done"] and run["config"] == config and run["seed"] == seed
-            assert "--seed" in run["argv"] and run["argv"][run["argv"].index("--seed") + 1] == str(seed)
+            assert run["options"]["seed"] == seed and run["options"]["variant"] == config
             assert run["curves"]["eval_epoch"] == [0, 1]  # evaluated every epoch
     # the table's mean and std, recomputed from the runs' own log.txt
     md = (tmp_path / "ablation.md").read_text()
@@ -79,11 +81,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch)
     calls = []
     original = loop.Trainer.train_step
 
-    def interrupt_at_step_6(self, batch, lr):
+    def interrupt_at_step_6(self, image, mask, lr):
         calls.append(1)
         if len(calls) == 6:  # in the middle of epoch 1 (4 steps per epoch)
-            raise KeyboardInterrupt
-        return original(self, batch, lr)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, image, mask, lr)
 
     monkeypatch.setattr(loop.Trainer, "train_step", interrupt_at_step_6)
     assert ablate.main(argv(tmp_path / "b", data, *cmd)) == 130
@@ -101,8 +103,8 @@ def test_vit_rows_take_the_vit_and_drop_resnet_options(tmp_path, data):
     assert ablate.main(argv(tmp_path, data, "--tables", "backbones", "--configs", "vit-full", "--seeds", "0",
                             "--epochs", "1", "--vit_backbone", "vit_demo")) == 0
     run = json.loads((tmp_path / "vit-full" / "seed0" / "run.json").read_text())
-    assert run["done"] and run["argv"][run["argv"].index("--backbone") + 1] == "vit_demo"
-    assert "--width" not in run["argv"] and run["argv"].count("--backbone") == 1
+    assert run["done"] and run["options"]["backbone"] == "vit_demo"
+    assert run["options"]["width"] is None and run["options"]["pivot_stage"] is None
     from ncl_fast.engine.checkpoints import newest_readable
 
     _, ckpt, _ = newest_readable(tmp_path / "vit-full" / "seed0")
@@ -127,6 +129,23 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data, capsys):
     assert ablate.main(argv(tmp_path, data, "--tables", "variants", "--configs", "base", "--seeds", "0")) == 2
     err = capsys.readouterr().err
     assert str(run_dir) in err and "other options" in err
+
+
+def test_runs_are_compared_by_value_not_by_spelling(tmp_path, data, capsys):
+    """The same options in another order or spelling, and options that cannot change
+    results (workers, progress bars), leave a finished run finished."""
+    cmd = ["--tables", "variants", "--configs", "base", "--seeds", "0", "--epochs", "1"]
+    assert ablate.main(argv(tmp_path, data, *cmd)) == 0
+    first = argv(tmp_path, data, *cmd)
+    pairs = [first[i:i + 2] for i in range(0, 6, 2)]  # --output_dir, --data_path, --test_data_path and values
+    reordered = (sum(pairs[::-1], []) + [a.replace("--image_size", "--image-size") for a in first[6:]]
+                 + ["--num_workers", "1", "--log_every", "3"])
+    capsys.readouterr()
+    assert ablate.main(reordered) == 0
+    assert "finished before, skipped" in capsys.readouterr().out
+    # an option that changes results makes it another run
+    assert ablate.main(argv(tmp_path, data, *cmd, "--lr", "0.02")) == 2
+    assert "lr" in capsys.readouterr().err
 
 
 def test_gradient_probe_against_the_total_loss(tmp_path, data):
