@@ -10,8 +10,9 @@ from typing import IO, Callable
 from . import cli
 
 
-class OutputError(OSError):
-    """An output file could not be written; the message names it and why."""
+class OutputError(cli.RunError):
+    """An output file could not be written; the message names it and why (a command
+    ends with it as one `error:` line, exit 1)."""
 
 
 def write_atomic(path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], None]) -> Path:
@@ -52,3 +53,40 @@ def first_line(err: BaseException) -> str:
     if "file write failed" in text or "unexpected pos" in text:
         return "the disk is full or the file size limit was reached"
     return (text.splitlines() or [type(err).__name__])[0][:200]
+
+
+class FolderLock:
+    """One run per output folder: an exclusive `flock` on `<folder>/.ncl_fast.lock`,
+    held while the run lasts. The kernel drops it when the process ends however it
+    ends (a kill included), so it never goes stale. `acquire()` returns None, or the
+    holder's description when another process holds it."""
+
+    NAME = ".ncl_fast.lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self._file = None
+
+    def acquire(self) -> str | None:
+        import fcntl
+        import socket
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return holder
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

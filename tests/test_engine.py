@@ -277,3 +277,83 @@ def test_the_whole_step_compiles_to_one_graph(tmp_path, data):
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["frames"]["total"] == counters["frames"]["ok"] == 1  # compiled once, never again
     assert load_checkpoint(tmp_path / "checkpoint-1.pth")["global_step"] == 5
+
+
+# ---- one run per folder ----------------------------------------------------------------------------------------------
+def test_one_run_per_output_folder(tmp_path, data, capsys):
+    from ncl_fast.outputs import FolderLock
+
+    (tmp_path / "o").mkdir()
+    held = FolderLock(tmp_path / "o")
+    assert held.acquire() is None
+    try:
+        assert run(tmp_path / "o", data, "--epochs", "1", test=False) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {tmp_path / 'o'} is in use by another run (pid {os.getpid()}" in err
+    finally:
+        held.release()
+    assert run(tmp_path / "o", data, "--epochs", "1", test=False) == 0
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, data):
+    import subprocess
+    import sys
+
+    (tmp_path / "o").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ncl_fast.outputs import FolderLock; "
+                               "assert FolderLock(sys.argv[1]).acquire() is None; print('held', flush=True); "
+                               "time.sleep(600)", str(tmp_path / "o")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait(timeout=60)
+    assert run(tmp_path / "o", data, "--epochs", "1", test=False) == 0
+
+
+def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, data, capsys):
+    assert run(tmp_path, data, "--epochs", "1", test=False) == 0
+    before = (tmp_path / "checkpoint-0.pth").read_bytes()
+    capsys.readouterr()
+    assert run(tmp_path, data, "--epochs", "2", test=False) == 2  # a requeued job without --resume
+    err = capsys.readouterr().err
+    assert "holds a previous run's checkpoints (checkpoint-0.pth)" in err and "--resume auto" in err
+    assert (tmp_path / "checkpoint-0.pth").read_bytes() == before
+    assert run(tmp_path, data, "--epochs", "1", "--overwrite", test=False) == 0  # afresh, on purpose
+    assert [r["epoch"] for r in log_of(tmp_path)] == [0]
+    with pytest.raises(SystemExit):
+        config(tmp_path, data, "--overwrite", "--resume", "auto")
+
+
+def test_a_log_that_cannot_be_written_is_one_error_line(tmp_path, data, monkeypatch, capsys):
+    import errno
+
+    real_open = open
+
+    def refuse_log(path, *args, **kwargs):
+        if str(path).endswith("log.txt"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse_log)
+    assert run(tmp_path, data, "--epochs", "1", test=False) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {tmp_path / 'log.txt'} (disk quota exceeded)" in err and "Traceback" not in err
+    assert (tmp_path / "checkpoint-0.pth").is_file()  # written before the record
+
+
+def test_imdl_benco_checkpoints_load(tmp_path, data, capsys):
+    """IMDL-BenCo saves `args` as an argparse.Namespace and NCLBenCo's weights under `model.`."""
+    import argparse
+
+    from ncl_fast.evaluate import main as evaluate_main
+
+    assert run(tmp_path / "t", data, "--epochs", "1", test=False) == 0
+    ckpt = load_checkpoint(tmp_path / "t" / "checkpoint-0.pth")
+    benco = {"model": {f"model.{k}": v for k, v in ckpt["model"].items()}, "epoch": 0,
+             "args": argparse.Namespace(test_image_size=32, if_padding=False), "model_config": ckpt["model_config"]}
+    torch.save(benco, tmp_path / "benco.pth")
+    loaded = load_checkpoint(tmp_path / "benco.pth")
+    assert loaded["args"] == {"test_image_size": 32, "if_padding": False}
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(tmp_path / "benco.pth"), "--test_data_path", str(data / "test.json"),
+                          "--num_workers", "0", "--no-progress"]) == 0
+    assert "32x32 (resize)" in capsys.readouterr().out

@@ -102,6 +102,7 @@ class TrainConfig:
     log_every: int
     progress: bool
     preset: str = "demo"
+    overwrite: bool = False
 
     # ---- what the rest of the engine derives from it --------------------------------------------------------------
     @property
@@ -131,7 +132,7 @@ class TrainConfig:
 
     #: options that cannot change what a run computes (where it writes, how it shows progress, how it is resumed)
     NOT_RESULTS = ("num_workers", "progress", "log_every", "output_dir", "log_dir", "resume", "keep_checkpoints",
-                   "allow_large_images", "device", "preset")
+                   "allow_large_images", "device", "preset", "overwrite")
 
     def identity(self) -> dict:
         """The values that decide a run's results: two configurations with equal identities train the same run."""
@@ -160,6 +161,8 @@ class TrainConfig:
             path = getattr(self, key)
             if path is not None and not self.synthetic and not Path(path).exists():
                 out.append(f"--{key} {path} does not exist")
+        if self.overwrite and self.resume:
+            out.append("--overwrite starts afresh and --resume continues: give one of them")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             out.append(f"--resume {self.resume} is not a file (use a checkpoint path or 'auto')")
         if self.batch_size % self.accum_steps:
@@ -223,7 +226,10 @@ def train_parser(prog: str = "python -m ncl_fast.train", description: str | None
       help=preset_help("train_mode", "crop: random crops, smaller images padded (paper); resize"))
     A("--edge_mask_width", "--edge-mask-width", type=cli.nonnegative_int, default=2,
       help="PC contour band radius r in pixels (default: 2)")
-    A("--resume", default=None, help="a checkpoint, or 'auto' for the newest readable one in output_dir")
+    A("--resume", default=None, help="a checkpoint, or 'auto' for the furthest readable one in output_dir")
+    A("--overwrite", action="store_true",
+      help="start afresh in an --output_dir that holds a previous run's checkpoints (they and its log.txt are "
+           "removed); without it such a folder is refused unless --resume is given")
     A("--seed", type=cli.nonnegative_int, default=0, help="(default: 0)")
     A("--num_workers", "--num-workers", type=cli.nonnegative_int, default=None,
       help=preset_help("num_workers", "DataLoader workers, at most the CPUs available"))
@@ -311,6 +317,7 @@ def from_namespace(ns: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         seed=ns.seed, device=ns.device, amp=ns.amp, compile=ns.compile, sync_bn=ns.sync_bn,
         output_dir=ns.output_dir, log_dir=ns.log_dir, resume=ns.resume, test_period=pick("test_period"),
         keep_checkpoints=ns.keep_checkpoints, log_every=ns.log_every, progress=not ns.no_progress, preset=ns.preset,
+        overwrite=ns.overwrite,
     )
     config = TrainConfig(**values)
     return config, config.problems()

@@ -24,8 +24,9 @@ from ..data.sampler import EpochSampler
 from ..model import NCLModel, describe_backbone
 from . import records
 from .batches import normalize_image, to_device
-from .checkpoints import (CheckpointError, OutputError, load_checkpoint, newest_readable, rng_state, set_rng_state,
-                          strip_prefixes, write_atomic)
+from ..outputs import FolderLock, OutputError, write_atomic
+from .checkpoints import (CheckpointError, checkpoints_newest_first, load_checkpoint, newest_readable, rng_state,
+                          set_rng_state, strip_prefixes)
 from .config import TrainConfig
 from .evaluation import evaluate_sets, fmt, markdown
 from .interrupts import StopRequest, ignore_in_workers
@@ -395,8 +396,6 @@ class Trainer:
             raise cli.RunError(f"{err}; free space or fix the folder, then continue from the newest checkpoint with "
                                f"--resume auto (the previous checkpoint is intact)") from None
         if self.config.keep_checkpoints > 0:
-            from .checkpoints import checkpoints_newest_first
-
             for old in checkpoints_newest_first(self.out_dir)[self.config.keep_checkpoints:]:
                 old.unlink(missing_ok=True)
         return path
@@ -485,13 +484,45 @@ class Trainer:
 
 @cli.command
 def run_training(config: TrainConfig, ctx: distributed.Context) -> int:
-    """Check the outputs and the data, build the trainer, resume if asked, run; returns
-    the exit status (bad input 2 and run-time failures 1, each with one `error:` line)."""
+    """Check the outputs (one run per folder) and the data, build the trainer, resume if
+    asked, run; returns the exit status (bad input 2 and run-time failures 1, each with
+    one `error:` line)."""
+    out_dir = cli.check_output_dir(config.output_dir, "--output_dir")
+    cli.check_output_dir(config.tensorboard_dir, "--log_dir" if config.log_dir else "--output_dir")
+    lock = FolderLock(out_dir)
+    try:
+        problem = claim_output_dir(config, out_dir, lock) if ctx.is_main else None
+        problem = distributed.gather_objects(problem, ctx)[0]  # every rank stops, or none
+        if problem:
+            raise cli.UsageError(problem)
+        return _run(config, ctx, out_dir)
+    finally:
+        lock.release()
+
+
+def claim_output_dir(config: TrainConfig, out_dir: Path, lock: FolderLock) -> str | None:
+    """Rank 0: take the folder's lock; refuse a fresh run over a previous run's checkpoints
+    (a requeued job without --resume would overwrite them one by one) unless
+    --overwrite, which removes them and their log.txt. Returns what is wrong, or None."""
+    holder = lock.acquire()
+    if holder is not None:
+        return (f"--output_dir {out_dir} is in use by another run ({holder}); wait for it to end, or choose "
+                f"another --output_dir")
+    old = checkpoints_newest_first(out_dir)
+    if old and not config.resume:
+        if not config.overwrite:
+            names = ", ".join(p.name for p in old[:3]) + (" ..." if len(old) > 3 else "")
+            return (f"--output_dir {out_dir} holds a previous run's checkpoints ({names}); continue it with "
+                    f"--resume auto, or pass --overwrite to start afresh there")
+        for path in old + [out_dir / "log.txt"]:
+            path.unlink(missing_ok=True)
+    return None
+
+
+def _run(config: TrainConfig, ctx: distributed.Context, out_dir: Path) -> int:
     from ..data import DatasetError
     from .datasets import load_training_data
 
-    out_dir = cli.check_output_dir(config.output_dir, "--output_dir")
-    cli.check_output_dir(config.tensorboard_dir, "--log_dir" if config.log_dir else "--output_dir")
     try:
         entries, test_sets = load_training_data(config, ctx)
     except DatasetError as err:
