@@ -263,6 +263,10 @@ class Trainer:
                     batch = next(batches)
                 except StopIteration:
                     break
+                except RuntimeError:
+                    if self.stop.requested:  # a loader worker ended by the stop's signal: the stop decides
+                        break
+                    raise
                 clock.waited()
                 image, mask = to_device(batch, self.dev, self.dev.type == "cuda")
                 lr = poly_lr(config.lr, self.global_step, self.total_steps)
@@ -275,9 +279,6 @@ class Trainer:
                 bar.step()
                 if self.step % config.log_every == 0 or self.step == self.steps_per_epoch:
                     self.log_interval(clock, epoch_clock, bar, lr, images_per_step)
-        except RuntimeError:
-            if not self.stop.requested:  # a loader worker that died of the stop's signal: the stop decides
-                raise
         finally:
             bar.close()
             del batches
