@@ -185,7 +185,7 @@ def gradient_share(run_dir: Path, ctx: distributed.Context, batches: int = 4) ->
     import torch
 
     from .checkpoint import newest_readable
-    from .data import ForgeryDataset, load_entries
+    from .data import ForgeryDataset, load_entries, to_model_input
     from .evaluate import model_from_checkpoint
     from .model import LossConfig
 
@@ -209,8 +209,8 @@ def gradient_share(run_dir: Path, ctx: distributed.Context, batches: int = 4) ->
     ratios, cosines = [], []
     for _ in range(batches):
         items = [ds[i] for i in torch.randperm(len(ds), generator=draw)[: a["batch_size"]].tolist()]
-        image = torch.stack([it["image"] for it in items]).to(ctx.device)
-        mask = torch.stack([it["mask"] for it in items]).to(ctx.device)
+        image, mask, _ = to_model_input({"image": torch.stack([it["image"] for it in items]),
+                                         "mask": torch.stack([it["mask"] for it in items])}, ctx.device)
         parts = model.criterion(model.net(image), mask, model.pivot)
         rest = parts["pc"] if "pc" in parts else parts["bce"]
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import cli, distributed, metrics
 from .checkpoint import load_checkpoint, strip_prefixes
-from .data import DatasetError, ForgeryDataset, list_test_sets, load_entries
+from .data import DatasetError, ForgeryDataset, list_test_sets, load_entries, to_model_input
 from .data.attacks import grid
 from .model import BACKBONES, LossConfig, NCLModel, describe_backbone
 
@@ -53,15 +53,11 @@ def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4
                         pin_memory=ctx.device.type == "cuda", shuffle=False, generator=torch.Generator())
     rows = []
     for batch in tqdm(loader, desc=desc, disable=not (ctx.is_main and progress), leave=False, unit="batch"):
-        image = batch["image"].to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda":
-            image = image.to(memory_format=torch.channels_last)
+        image, mask, shape = to_model_input(batch, ctx.device, channels_last=ctx.device.type == "cuda")
         with autocast(ctx.device, amp):
             prob = torch.sigmoid(net(image)["logits"].float())
-        mask = batch["mask"].to(ctx.device)
-        shape = batch["shape_mask"].to(ctx.device)
-        for k in range(prob.shape[0]):
-            r = metrics.image_metrics(prob[k, 0], mask[k, 0], shape[k, 0])
+        for k in range(prob.shape[0]):  # shape None: the whole image is valid (resize mode)
+            r = metrics.image_metrics(prob[k, 0], mask[k, 0], None if shape is None else shape[k, 0])
             r["index"] = int(batch["index"][k])
             rows.append(r)
     net.train(was_training)

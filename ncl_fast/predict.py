@@ -30,7 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import cli
-from .data.dataset import fit_size, normalize
+from .data import to_model_input
+from .data.dataset import resize_to_fit, to_canvas
 from .data.sources import IMAGE_EXTS, read_image
 from .evaluate import autocast, model_from_checkpoint
 
@@ -76,8 +77,8 @@ def list_images(path: Path) -> list[Path]:
 def predict_image(net, image: np.ndarray, size: int, mode: str, device: torch.device, amp: str = "off") -> np.ndarray:
     """p in [0, 1] at the image's original size, float32 (H, W)."""
     H, W = image.shape[:2]
-    img, _, _ = fit_size(image, np.zeros((H, W), bool), size, mode, None)
-    x = normalize(img)[None].to(device)
+    img, _, _ = to_canvas(*resize_to_fit(image, np.zeros((H, W), bool), size, mode), size)
+    x = to_model_input(torch.from_numpy(img)[None], device).image
     with autocast(device, amp):
         prob = torch.sigmoid(net(x)["logits"].float())
     if mode == "resize":

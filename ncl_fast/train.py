@@ -34,13 +34,14 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import _backend, cli, distributed
 from .checkpoint import (CheckpointError, load_checkpoint, newest_readable, rng_state, save_atomic, set_rng_state,
                          strip_prefixes)
-from .data import DatasetError, ForgeryDataset, allow_large_images, list_test_sets, load_entries
+from .data import (DatasetError, EpochSampler, ForgeryDataset, allow_large_images, list_test_sets, load_entries,
+                   to_model_input)
 from .evaluate import evaluate_dataset, fmt, markdown
 from .model import BACKBONES, VARIANTS, VIT_CONFIGS, LossConfig, NCLModel, describe_backbone
 
@@ -211,29 +212,6 @@ def synthetic_split(ctx: distributed.Context) -> tuple[str, str]:
         save(train_json, pairs[:cut])
     distributed.barrier(ctx)
     return str(train_json), str(test_json)
-
-
-class EpochSampler(Sampler):
-    """The epoch's permutation (seeded by seed and epoch), sharded across processes,
-    from batch `start` on: a run resumed mid-epoch sees exactly the remaining batches,
-    and N processes together see the batches a single process would."""
-
-    def __init__(self, n: int, batch_size: int, ctx: distributed.Context, seed: int):
-        self.n, self.batch_size, self.ctx, self.seed = n, batch_size, ctx, seed
-        self.epoch, self.start = 0, 0
-        self.steps = n // (batch_size * ctx.world_size)  # drop_last
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size * self.ctx.world_size]
-        mine = perm[self.ctx.rank :: self.ctx.world_size]
-        return iter(mine[self.start * self.batch_size :].tolist())
-
-    def __len__(self) -> int:
-        return (self.steps - self.start) * self.batch_size
 
 
 class GpuMonitor:
@@ -418,7 +396,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.loader = DataLoader(self.train_ds, batch_size=args.batch_size, sampler=self.sampler,
                                  num_workers=args.num_workers, pin_memory=dev.type == "cuda", drop_last=True,
-                                 generator=torch.Generator().manual_seed(args.seed), persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(args.seed),
+                                 persistent_workers=args.num_workers > 0,  # the epoch travels in the sampler's keys
                                  prefetch_factor=4 if args.num_workers > 0 else None)
         note = _backend.announce_fallbacks(LOSS_OPS[args.variant], args.impl, dev)  # every rank: no warnings later
         if ctx.is_main:
@@ -481,10 +460,7 @@ class Trainer:
         ctx, dev = self.ctx, self.dev
         for group in self.opt.param_groups:
             group["lr"] = lr
-        image = batch["image"].to(dev, non_blocking=True)
-        mask = batch["mask"].to(dev, non_blocking=True)
-        if dev.type == "cuda":
-            image = image.to(memory_format=torch.channels_last)
+        image, mask, _ = to_model_input(batch, dev, channels_last=dev.type == "cuda")
         self.opt.zero_grad(set_to_none=True)
         parts = {}
         K = self.args.accum_steps
@@ -504,7 +480,6 @@ class Trainer:
         args, ctx = self.args, self.ctx
         first = self.step
         self.sampler.set_epoch(epoch, first)
-        self.train_ds.set_epoch(epoch)
         sums, count, t0, gpu_util, lr = {}, 0, time.perf_counter(), [], None
         # the loss sums of the steps this epoch ran before an interrupt: the epoch's means stay whole-epoch means
         carried = self.carry if (self.carry and first > 0 and self.carry.get("epoch") == epoch) else None
@@ -693,7 +668,7 @@ class Trainer:
         if self.writer:
             self.writer.close()
             self.writer = None
-        self.loader = None  # its iterator ended with the epoch: no worker outlives this
+        self.loader = None  # dropping the loader shuts its persistent workers down
         self.train_model = self.model
 
     def print_outputs(self, checkpoint) -> None:
