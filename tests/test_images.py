@@ -220,13 +220,15 @@ def test_rgb_images_are_not_converted(tmp_path, monkeypatch):
     assert np.array_equal(read_image(str(tmp_path / "rgb.png")), rgb)
 
 
-def test_damaged_jpegs_keep_pillows_error(tmp_path):
-    rng = np.random.default_rng()
-    Image.fromarray(photo(rng, 64, 96)).save(tmp_path / "whole.jpg", quality=90)
-    data = (tmp_path / "whole.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(OSError, match="image file is truncated"):
-        read_image(str(tmp_path / "cut.jpg"))
+@pytest.mark.parametrize("name, gray", [("cut.jpg", False), ("cut_grey.jpg", True), ("cut.png", True)])
+def test_damaged_files_keep_their_error(tmp_path, name, gray):
+    """Cut short, an image or a mask is refused by name, as Pillow refuses it, whichever decoder ran."""
+    Image.fromarray(photo(np.random.default_rng(), 64, 96, 1 if gray else 3)).save(tmp_path / "whole", "JPEG" if name.endswith("jpg") else "PNG")
+    data = (tmp_path / "whole").read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) * 2 // 3])
+    for read in (read_image, read_mask):
+        with pytest.raises(UnsupportedImageError, match=rf"{name}: .*image file is truncated"):
+            read(str(tmp_path / name))
 
 
 def test_jpegs_above_the_pixel_limit_are_refused_by_name(tmp_path, monkeypatch):

@@ -180,8 +180,9 @@ def open_image(path: str) -> Image.Image:
 _WIDE_GRAY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
 
 
-def to_rgb(im: Image.Image, path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of any mode users bring.
+def to_rgb(im: Image.Image, path: str, keep_gray: bool = False) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of any mode users bring (with `keep_gray`, 1 and L images as they
+    are: bool or uint8 (H, W), whose RGB would repeat them three times).
 
     * 1, L, P, LA, RGB, RGBA, CMYK, YCbCr (and 16-bit RGB TIFF, which Pillow reads
       as RGB): Pillow's conversion; alpha is dropped.
@@ -213,8 +214,8 @@ def to_rgb(im: Image.Image, path: str) -> np.ndarray:
         gray = np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     try:
-        if mode == "RGB":
-            return np.asarray(im)  # already RGB: no converted copy
+        if mode == "RGB" or (keep_gray and mode in ("1", "L")):
+            return np.asarray(im)  # no converted copy
         return np.asarray(im.convert("RGB"))
     except (ValueError, OSError) as err:
         raise UnsupportedImageError(f"{path}: Pillow cannot convert a {mode} image to RGB ({err}); "
@@ -277,8 +278,7 @@ def read_mask(path: str, invert: bool = False) -> np.ndarray:
     with open_image(path) as im:
         values = decode_jpeg(im, path, gray=im.mode == "L")
         if values is None:
-            # bilevel and grey masks are read as they are: their RGB has R = G = B
-            values = np.asarray(im) if im.mode in ("1", "L") else to_rgb(im, path)
+            values = to_rgb(im, path, keep_gray=True)
     m = tampered(values)
     return ~m if invert else m
 
