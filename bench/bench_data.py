@@ -7,7 +7,7 @@ paper preset (512 px random crops, flips, batch 4), and where the time goes.
 
 Three sets, made once in --data-dir: (a) the synthetic set (`ncl_fast.synth`, PNG, about
 0.1 Mpx), (b) CASIA-size JPEGs (384x256 to 800x600, quality 90, PNG masks), (c) a few
-JPEGs of 4 Mpx or more. Each checkout is timed in its own subprocess that imports
+JPEGs of 4 to 8 Mpx. Each checkout is timed in its own subprocess that imports
 `ncl_fast` from that checkout (REV is extracted with `git archive` into a temporary
 folder); the runs alternate (this, REV, this, REV, ...), each pass a new epoch (new
 crops), and the tables give medians over the passes, so a loaded machine weighs on
@@ -58,7 +58,8 @@ def make_sets(folder: Path, n_synth: int, n_jpeg: int, n_large: int) -> dict[str
     if not (out["synthetic"] / "manifest.json").is_file():
         synth.generate(out["synthetic"], n_synth, seed=0, progress=False)
     photos = None
-    for name, n, sizes in (("jpeg", n_jpeg, ((256, 384), (600, 800))), ("large", n_large, ((1728, 2304), (2448, 3264)))):
+    for name, n, sizes, least in (("jpeg", n_jpeg, ((256, 384), (600, 800)), 0),
+                                  ("large", n_large, ((1728, 2304), (2448, 3264)), 4_000_000)):
         root = out[name]
         if (root / "done").is_file():
             continue
@@ -68,7 +69,9 @@ def make_sets(folder: Path, n_synth: int, n_jpeg: int, n_large: int) -> dict[str
         rng = np.random.default_rng(1)
         (h0, w0), (h1, w1) = sizes
         for i in range(n):
-            h, w = int(rng.integers(h0, h1 + 1)), int(rng.integers(w0, w1 + 1))
+            h = w = 0
+            while h * w <= least:  # (h, w) drawn in the ranges; at least 4 Mpx for the large set
+                h, w = int(rng.integers(h0, h1 + 1)), int(rng.integers(w0, w1 + 1))
             img, _ = synth.random_crop(photos, rng, h, w)
             img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)  # sensor-like noise
             Image.fromarray(img).save(root / "Tp" / f"{i:04d}.jpg", quality=90)
