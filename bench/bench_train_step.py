@@ -35,6 +35,7 @@ from _harness import device_header, irregular_masks, table  # noqa: E402
 from bench_ncl_loss import top_kernels  # noqa: E402
 
 from ncl_fast import _backend  # noqa: E402
+from ncl_fast.data import to_model_input  # noqa: E402
 from ncl_fast.engine.loop import TrainStep  # noqa: E402
 from ncl_fast.model import LossConfig, NCLModel  # noqa: E402
 
@@ -52,8 +53,9 @@ MODES = {"eager": None, "compiled": "default", "graphed": "reduce-overhead"}
 
 
 def step_time(variant: str, impl: str | None, precision: str, mode: str, steps: int, B: int, size: int):
-    """The training command's step (`TrainStep`: uint8 image normalized on the device,
-    network, loss), backward and SGD update, on one batch resident on the GPU."""
+    """The training command's step (`to_model_input`: the uint8 batch normalized on the
+    device; `TrainStep`: network and loss), backward and SGD update, on one batch
+    resident on the GPU."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = NCLModel(101, 1, LossConfig(variant=variant, impl="reference" if impl == "reference" else None)).to(dev)
@@ -61,14 +63,13 @@ def step_time(variant: str, impl: str | None, precision: str, mode: str, steps: 
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=5e-4)
-    x = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, device=dev)
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mask = irregular_masks(B, size, size, (0.05, 0.30), seed=0, device=dev)
+    batch = {"image": torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, device=dev),
+             "mask": irregular_masks(B, size, size, (0.05, 0.30), seed=0, device=dev) > 0.5}
     step = TrainStep(model)
     fwd = step if MODES[mode] is None else torch.compile(step, mode=None if MODES[mode] == "default" else MODES[mode])
 
     def one():
+        x, mask, _ = to_model_input(batch, dev, channels_last=cl)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = fwd(x, mask)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -114,13 +115,13 @@ try:
     from ncl_fast.engine.config import resolve
     from ncl_fast.engine.datasets import load_training_data
     from ncl_fast.engine.loop import Trainer
-    from ncl_fast.engine.batches import to_device
+    from ncl_fast.data import to_model_input
     config = resolve(argv)
     trainer = Trainer(config, ctx, *load_training_data(config, ctx))
     trainer.prepare()
     trainer.sums = torch.zeros(len(trainer.parts))
     def step(batch):
-        image, mask = to_device(batch, ctx.device)
+        image, mask, _ = to_model_input(batch, ctx.device)
         trainer.sums += trainer.train_step(image, mask, 0.007)
 except ImportError:  # the layout before the engine (main 5a53e41)
     from ncl_fast import train

@@ -153,9 +153,8 @@ def test_gradient_probe_against_the_total_loss(tmp_path, data):
     import torch
 
     from ncl_fast import distributed
-    from ncl_fast.engine.checkpoints import newest_readable
-    from ncl_fast.data import ForgeryDataset, load_entries
-    from ncl_fast.engine.checkpoints import model_from_checkpoint
+    from ncl_fast.data import ForgeryDataset, load_entries, to_model_input
+    from ncl_fast.engine.checkpoints import model_from_checkpoint, newest_readable
 
     # 64 px images and 8 px patches: tampered and authentic patches to contrast
     assert train.main(argv(tmp_path, data, "--variant", "full", "--epochs", "1", "--omega", "0.5", "--image_size",
@@ -168,7 +167,8 @@ def test_gradient_probe_against_the_total_loss(tmp_path, data):
     model.net.aspp.dropout.eval()
     ds = ForgeryDataset(load_entries(str(data / "train.json"))[0], 64, "resize", train=True, seed=0)
     items = [ds[i] for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2].tolist()]
-    image, mask = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
+    image, mask, _ = to_model_input({"image": torch.stack([it["image"] for it in items]),
+                                     "mask": torch.stack([it["mask"] for it in items])}, "cpu")
     params = [p for n, p in model.named_parameters() if n.startswith("net.")]
     parts = model.criterion(model.net(image), mask, model.pivot)
     g_total = torch.autograd.grad(parts["loss"], params, retain_graph=True, allow_unused=True)

@@ -139,9 +139,11 @@ def test_check_data_cli(tmp_path, folder, capsys):
 def test_dataset_modes(tmp_path, mode):
     write_pair(tmp_path / "ds", "a", size=(40, 48))
     entries, _ = load_entries(str(tmp_path / "ds"))
-    ds = ForgeryDataset(entries, 32, mode, train=mode == "crop", seed=3)
+    ds = ForgeryDataset(entries, 32, mode, train=mode == "crop", seed=3, shape_mask=True)
     item = ds[0]
-    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == item["shape_mask"].shape == (1, 32, 32)
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 32, 32)
+    assert item["mask"].dtype == item["shape_mask"].dtype == torch.bool
+    assert item["mask"].shape == item["shape_mask"].shape == (1, 32, 32)
     assert item["size"].tolist() == [40, 48]
     if mode == "resize":
         assert item["shape_mask"].all()
@@ -150,9 +152,20 @@ def test_dataset_modes(tmp_path, mode):
     if mode == "crop":  # deterministic in (seed, epoch, index), whatever the worker
         again = ds[0]
         assert torch.equal(item["image"], again["image"]) and torch.equal(item["mask"], again["mask"])
-        ds.set_epoch(1)
+        assert torch.equal(ds[(0, 0)]["image"], item["image"])  # a plain index is epoch 0
+        assert any(not torch.equal(ds[(epoch, 0)]["image"], item["image"]) for epoch in range(1, 7))
         assert any(not torch.equal(ForgeryDataset(entries, 32, mode, train=True, seed=s)[0]["image"], item["image"])
                    for s in range(4, 10))
+
+
+@pytest.mark.parametrize("mode, train, expected", [
+    ("resize", False, False), ("pad", False, True), ("crop", True, False), ("resize", True, False)])
+def test_shape_mask_only_where_evaluation_needs_it(tmp_path, mode, train, expected):
+    write_pair(tmp_path / "ds", "a", size=(20, 24))
+    entries, _ = load_entries(str(tmp_path / "ds"))
+    assert ("shape_mask" in ForgeryDataset(entries, 32, mode, train=train)[0]) == expected
+    assert "shape_mask" in ForgeryDataset(entries, 32, mode, train=train, shape_mask=True)[0]
+    assert "shape_mask" not in ForgeryDataset(entries, 32, mode, train=train, shape_mask=False)[0]
 
 
 def test_padding_keeps_the_mask_aligned(tmp_path):

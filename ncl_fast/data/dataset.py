@@ -1,5 +1,7 @@
 """The image/mask dataset: decoding (in DataLoader workers), resizing or padding,
-training crops and flips.
+training crops and flips. Items stay uint8 (images) and bool (masks) across the
+DataLoader; `to_model_input` (`model_input.py`) converts and normalizes them on
+the device.
 
 Sizing modes (`mode`):
 * `resize` (default for evaluation): image (bilinear) and mask (nearest) to
@@ -10,7 +12,9 @@ Sizing modes (`mode`):
 * `crop` (training, the paper's setting): a random `size x size` crop, smaller
   images padded (padding is authentic and outside `shape_mask`).
 Training adds horizontal flips. Augmentation randomness is drawn from
-(seed, epoch, index), so batches are the same whatever the number of workers,
+(seed, epoch, index): the key a sampler passes is `(epoch, index)` (see
+`sampler.EpochSampler`; a plain index means epoch 0), so batches are the same
+whatever the number of workers, persistent workers draw new crops every epoch,
 and a resumed run sees exactly the data an uninterrupted one would.
 """
 from __future__ import annotations
@@ -24,52 +28,73 @@ from torch.utils.data import Dataset
 
 from .sources import Entry, read_image, read_mask
 
-# Per-channel normalization of RGB in [0, 1] (the usual ImageNet statistics).
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 MODES = ("resize", "pad", "crop")
 
 
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (3, H, W), normalized."""
-    x = (image.astype(np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-
-def fit_size(image: np.ndarray, mask: np.ndarray, size: int, mode: str, rng: np.random.Generator | None):
-    """Apply the sizing mode; returns (image, mask, shape_mask) of size x size."""
+def resize_to_fit(image: np.ndarray, mask: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """`resize`: both to size x size; `pad`: scaled down to fit in size x size when larger
+    (aspect ratio kept); otherwise unchanged. Image bilinear, mask nearest, uint8 throughout."""
     h, w = mask.shape
     if mode == "resize":
-        img = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-        m = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-        return img, m, np.ones((size, size), dtype=bool)
+        return (np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR)),
+                np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST)))
     if mode == "pad" and (h > size or w > size):
         scale = size / max(h, w)
         nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
-        h, w = nh, nw
-    y0 = x0 = 0
-    if mode == "crop" and (h > size or w > size):
-        assert rng is not None
-        y0 = int(rng.integers(0, max(h - size, 0) + 1))
-        x0 = int(rng.integers(0, max(w - size, 0) + 1))
-    crop_img = image[y0 : y0 + size, x0 : x0 + size]
+        return (np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR)),
+                np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST)))
+    return image, mask
+
+
+def crop_origin(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """The random top-left corner (y0, x0) of a size x size crop of an h x w image (0 along a
+    side not longer than `size`); draws nothing when the image fits."""
+    if h <= size and w <= size:
+        return 0, 0
+    y0 = int(rng.integers(0, max(h - size, 0) + 1))
+    x0 = int(rng.integers(0, max(w - size, 0) + 1))
+    return y0, x0
+
+
+def to_canvas(image: np.ndarray, mask: np.ndarray, size: int, y0: int = 0, x0: int = 0,
+              flip: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """The size x size window at (y0, x0), zero-padded at the bottom and right where the image
+    ends, mirrored left-right with `flip`: (image uint8 (3, size, size), mask bool (size, size),
+    (h, w) of the part that holds the image). One copy of each: crop, padding, flip and the
+    HWC -> CHW transpose happen together."""
+    crop = image[y0 : y0 + size, x0 : x0 + size]
     crop_mask = mask[y0 : y0 + size, x0 : x0 + size]
-    ch, cw = crop_mask.shape
-    img = np.zeros((size, size, 3), dtype=np.uint8)
+    h, w = crop_mask.shape
+    chw = crop.transpose(2, 0, 1)
+    if flip:
+        chw, crop_mask = chw[:, :, ::-1], crop_mask[:, ::-1]
+    if (h, w) == (size, size):
+        return np.array(chw, order="C"), np.array(crop_mask, dtype=bool, order="C"), (h, w)
+    cols = slice(size - w, size) if flip else slice(0, w)  # a flip moves the padding to the left
+    img = np.zeros((3, size, size), dtype=np.uint8)
     m = np.zeros((size, size), dtype=bool)
+    img[:, :h, cols] = chw
+    m[:h, cols] = crop_mask
+    return img, m, (h, w)
+
+
+def valid_region(size: int, hw: tuple[int, int], flip: bool = False) -> np.ndarray:
+    """Bool (size, size): the pixels of a `to_canvas` result that hold the image."""
+    h, w = hw
     shape = np.zeros((size, size), dtype=bool)
-    img[:ch, :cw] = crop_img
-    m[:ch, :cw] = crop_mask
-    shape[:ch, :cw] = True
-    return img, m, shape
+    shape[:h, slice(size - w, size) if flip else slice(0, w)] = True
+    return shape
 
 
 class ForgeryDataset(Dataset):
-    """Items: `image` (3, S, S) float, `mask` (1, S, S) float {0, 1}, `shape_mask`
-    (1, S, S) float, `label` (1 if any pixel is tampered), `name`, `size` (H, W)
-    of the original image, `index`."""
+    """Items: `image` uint8 (3, S, S), `mask` bool (1, S, S), `label` (1. if any pixel is
+    tampered), `name`, `size` (H, W) of the original image, `index`; and `shape_mask` bool
+    (1, S, S), the pixels that hold the image, when `shape_mask` is true (default: outside
+    training, in the modes that pad; in `resize` mode it would be all ones, and training
+    never reads it).
+
+    Keys: `(epoch, index)` (what `EpochSampler` yields) or a plain `index` (epoch 0); the
+    epoch seeds training crops and flips."""
 
     def __init__(
         self,
@@ -80,6 +105,7 @@ class ForgeryDataset(Dataset):
         invert_masks: bool = False,
         seed: int = 0,
         attack: Callable[[np.ndarray, str], np.ndarray] | None = None,
+        shape_mask: bool | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -90,10 +116,7 @@ class ForgeryDataset(Dataset):
         self.invert_masks = invert_masks
         self.seed = seed
         self.attack = attack
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.shape_mask = (mode != "resize" and not train) if shape_mask is None else shape_mask
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -109,22 +132,31 @@ class ForgeryDataset(Dataset):
                 raise ValueError(f"size mismatch: image {e.image} is {image.shape[:2]} but mask {e.mask} is {mask.shape}")
         return image, mask
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         e = self.entries[index]
         image, mask = self.load(index)
         H, W = mask.shape
+        label = float(mask.any())
         if self.attack is not None:
             image = self.attack(image, e.image)
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
-        img, m, shape = fit_size(image, mask, self.size, self.mode, rng)
-        if self.train and rng.random() < 0.5:
-            img, m, shape = img[:, ::-1], m[:, ::-1], shape[:, ::-1]
-        return {
-            "image": normalize(img),
-            "mask": torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None],
-            "shape_mask": torch.from_numpy(np.ascontiguousarray(shape, dtype=np.float32))[None],
-            "label": torch.tensor(float(mask.any())),
+        image, mask = resize_to_fit(image, mask, self.size, self.mode)
+        y0 = x0 = 0
+        flip = False
+        if self.train:  # the draws, in this order: crop corner (crop mode, larger images only), then flip
+            rng = np.random.default_rng([self.seed, epoch, index])
+            if self.mode == "crop":
+                y0, x0 = crop_origin(*mask.shape, self.size, rng)
+            flip = bool(rng.random() < 0.5)
+        img, m, hw = to_canvas(image, mask, self.size, y0, x0, flip)
+        item = {
+            "image": torch.from_numpy(img),
+            "mask": torch.from_numpy(m)[None],
+            "label": torch.tensor(label),
             "name": e.image,
             "size": torch.tensor([H, W]),
             "index": index,
         }
+        if self.shape_mask:
+            item["shape_mask"] = torch.from_numpy(valid_region(self.size, hw, flip))[None]
+        return item

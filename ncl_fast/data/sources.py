@@ -12,9 +12,18 @@
 unreadable or corrupt files, image/mask size mismatches (errors), masks stored
 as 0/1 values or in colour, which the 127.5 rule would turn empty or wrong
 (warnings).
+
+Decoding (`read_image`, `read_mask`): Pillow opens every file (its header, the
+decompression-bomb limit and its error messages); baseline and progressive
+JPEGs in RGB or greyscale are then decoded by torchvision's libjpeg-turbo
+decoder, whose pixels equal Pillow's (tests/test_images.py checks it) and which
+skips Pillow's copies; every other file and mode is decoded by Pillow.
+torchvision's PNG decoder is not used: it crashes the process on a PNG with a
+bad checksum instead of raising an error.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -171,8 +180,9 @@ def open_image(path: str) -> Image.Image:
 _WIDE_GRAY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
 
 
-def to_rgb(im: Image.Image, path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of any mode users bring.
+def to_rgb(im: Image.Image, path: str, keep_gray: bool = False) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of any mode users bring (with `keep_gray`, 1 and L images as they
+    are: bool or uint8 (H, W), whose RGB would repeat them three times).
 
     * 1, L, P, LA, RGB, RGBA, CMYK, YCbCr (and 16-bit RGB TIFF, which Pillow reads
       as RGB): Pillow's conversion; alpha is dropped.
@@ -204,24 +214,80 @@ def to_rgb(im: Image.Image, path: str) -> np.ndarray:
         gray = np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     try:
+        if mode == "RGB" or (keep_gray and mode in ("1", "L")):
+            return np.asarray(im)  # no converted copy
         return np.asarray(im.convert("RGB"))
     except (ValueError, OSError) as err:
         raise UnsupportedImageError(f"{path}: Pillow cannot convert a {mode} image to RGB ({err}); "
                                     f"save it as RGB or greyscale") from None
 
 
+@functools.cache
+def _jpeg_decoder():
+    """torchvision's `decode_jpeg` and its modes, or None where torchvision has none (its image
+    decoders are deprecated since 0.29: when they go, Pillow decodes every file)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    except ImportError:
+        return None
+    return decode_jpeg, read_file, ImageReadMode
+
+
+def decode_jpeg(im: Image.Image, path: str, gray: bool = False) -> np.ndarray | None:
+    """The pixels of a JPEG that Pillow has opened (`im`), decoded by torchvision: uint8
+    (H, W, 3) RGB, or (H, W) grey with `gray` (for greyscale files). None where the file is
+    not a JPEG in RGB or greyscale (Pillow then decodes it), or where torchvision fails
+    (Pillow then decodes it, or raises its own error on a damaged file).
+
+    The pixels equal Pillow's `convert("RGB")` (both are libjpeg-turbo with the same
+    settings); torchvision skips Pillow's unpacking into 4-byte pixels and the copy out."""
+    decoder = _jpeg_decoder()
+    if decoder is None or im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    decode, read_file, modes = decoder
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision")
+            chw = decode(read_file(path), mode=modes.GRAY if gray else modes.RGB)
+    except RuntimeError:
+        return None
+    return chw[0].numpy() if gray else chw.permute(1, 2, 0).numpy()  # (H, W, 3) in memory: no copy
+
+
+#: mean(R, G, B) > 127.5 with R + G + B an integer: R + G + B >= 383 (382 / 3 = 127.33, 383 / 3 = 127.67).
+MASK_SUM_THRESHOLD = 383
+#: The same rule on a grey value g (R = G = B = g): 3 g >= 383, so g >= 128.
+MASK_GRAY_THRESHOLD = 128
+
+
+def tampered(values: np.ndarray) -> np.ndarray:
+    """Bool (H, W): the mask rule mean(RGB) > 127.5, in integer arithmetic, on uint8 (H, W, 3)
+    RGB, uint8 (H, W) grey (R = G = B) or bool (H, W) bilevel (0 or 255) values."""
+    if values.dtype == bool:
+        return values
+    if values.ndim == 2:
+        return values >= MASK_GRAY_THRESHOLD
+    total = values[..., 0].astype(np.uint16)  # at most 3 x 255 = 765
+    total += values[..., 1]
+    total += values[..., 2]
+    return total >= MASK_SUM_THRESHOLD
+
+
 def read_mask(path: str, invert: bool = False) -> np.ndarray:
     """Bool (H, W): tampered where mean(RGB) > 127.5 (inverted with `invert`)."""
     with open_image(path) as im:
-        rgb = to_rgb(im, path).astype(np.float32)
-    m = rgb.mean(axis=2) > 127.5
+        values = decode_jpeg(im, path, gray=im.mode == "L")
+        if values is None:
+            values = to_rgb(im, path, keep_gray=True)
+    m = tampered(values)
     return ~m if invert else m
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB, whatever the file's mode (see `to_rgb`)."""
+    """uint8 (H, W, 3) RGB, whatever the file's mode (see `to_rgb`); may be read-only."""
     with open_image(path) as im:
-        return to_rgb(im, path)
+        rgb = decode_jpeg(im, path)
+        return rgb if rgb is not None else to_rgb(im, path)
 
 
 def _mask_warnings(path: str, rgb: np.ndarray) -> list[str]:
@@ -280,7 +346,7 @@ def check_entries(entries: list[Entry], check_masks: bool = True) -> Report:
             continue
         if rgb is not None:
             report.warnings += _mask_warnings(e.mask, rgb)
-            if (rgb.mean(axis=2) > 127.5).any():
+            if tampered(rgb).any():
                 report.tampered += 1
             else:
                 report.authentic += 1

@@ -103,8 +103,7 @@ def gradient_share(run_dir: Path, ctx: distributed.Context, batches: int = 4) ->
     and the cosine between the two. None for the variant without NCL."""
     import torch
 
-    from ..data import ForgeryDataset, load_entries
-    from .batches import normalize_image
+    from ..data import ForgeryDataset, load_entries, to_model_input
     from .checkpoints import model_from_checkpoint, newest_readable
 
     path, ckpt, _ = newest_readable(run_dir)
@@ -125,8 +124,8 @@ def gradient_share(run_dir: Path, ctx: distributed.Context, batches: int = 4) ->
     ratios, cosines = [], []
     for _ in range(batches):
         items = [ds[i] for i in torch.randperm(len(ds), generator=draw)[: config.batch_size].tolist()]
-        image = normalize_image(torch.stack([it["image"] for it in items]).to(ctx.device))
-        mask = torch.stack([it["mask"] for it in items]).to(ctx.device).float()
+        image, mask, _ = to_model_input({"image": torch.stack([it["image"] for it in items]),
+                                         "mask": torch.stack([it["mask"] for it in items])}, ctx.device)
         parts = model.criterion(model.net(image), mask, model.pivot)
         rest = parts["pc"] if "pc" in parts else parts["bce"]
 

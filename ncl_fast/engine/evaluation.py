@@ -14,9 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .. import distributed, metrics
-from ..data import ForgeryDataset
+from ..data import ForgeryDataset, to_model_input
 from ..data.attacks import grid
-from .batches import normalize_image, to_device
 
 TABLE_KEYS = metrics.NAMES + ("pixel-level F1 (tampered only)", "pixel-level F1 (dataset-level)")
 
@@ -41,13 +40,11 @@ def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=ctx.device.type == "cuda", shuffle=False, generator=torch.Generator())
     rows = []
-    channels_last = ctx.device.type == "cuda"
     for batch in tqdm(loader, desc=desc, disable=not (ctx.is_main and progress), leave=False, unit="batch"):
-        image, mask = to_device(batch, ctx.device, channels_last)
-        shape = batch["shape_mask"].to(ctx.device) if "shape_mask" in batch else None
+        image, mask, shape = to_model_input(batch, ctx.device, channels_last=ctx.device.type == "cuda")
         with autocast(ctx.device, amp):
-            prob = torch.sigmoid(net(normalize_image(image))["logits"].float())
-        for k in range(prob.shape[0]):
+            prob = torch.sigmoid(net(image)["logits"].float())
+        for k in range(prob.shape[0]):  # shape None: the whole image is valid (resize mode)
             r = metrics.image_metrics(prob[k, 0], mask[k, 0], None if shape is None else shape[k, 0])
             r["index"] = int(batch["index"][k])
             rows.append(r)

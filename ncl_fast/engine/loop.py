@@ -19,11 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import _backend, cli, distributed
-from ..data import ForgeryDataset
-from ..data.sampler import EpochSampler
+from ..data import EpochSampler, ForgeryDataset, to_model_input
 from ..model import NCLModel, describe_backbone
 from . import records
-from .batches import normalize_image, to_device
 from ..outputs import FolderLock, OutputError, write_atomic
 from .checkpoints import (CheckpointError, checkpoints_newest_first, load_checkpoint, newest_readable, rng_state,
                           set_rng_state, strip_prefixes)
@@ -42,8 +40,8 @@ def poly_lr(lr0: float, step: int, total: int) -> float:
 
 class TrainStep(nn.Module):
     """What one micro-batch computes, as one module (and so one graph under
-    `torch.compile`): uint8 image -> normalized float -> network -> loss terms.
-    Returns the criterion's scalars only, so no large output outlives the step."""
+    `torch.compile`): network and loss. Returns the criterion's scalars only, so no
+    large output outlives the step."""
 
     def __init__(self, model: NCLModel):
         super().__init__()
@@ -51,8 +49,7 @@ class TrainStep(nn.Module):
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> dict:
         model = self.model
-        out = model.net(normalize_image(image))
-        return model.criterion(out, mask.float(), model.pivot)
+        return model.criterion(model.net(image), mask, model.pivot)
 
 
 def build_model(config: TrainConfig, ctx: distributed.Context) -> NCLModel:
@@ -94,7 +91,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.train_ds = ForgeryDataset(entries, config.image_size, config.train_mode, train=True,
                                        invert_masks=config.invert_masks, seed=config.seed)
-        self.sampler = EpochSampler(len(self.train_ds), config.batch_size, config.seed, ctx.rank, ctx.world_size)
+        self.sampler = EpochSampler(len(self.train_ds), config.batch_size, ctx, config.seed)
         self.steps_per_epoch = self.sampler.steps
         self.total_steps = self.steps_per_epoch * config.epochs
         # position: the next step to run is step `step` of epoch `epoch`; `global_step` steps ran in all
@@ -241,9 +238,7 @@ class Trainer:
         record when the epoch ended (None when stopped part-way)."""
         config, ctx = self.config, self.ctx
         first = self.step
-        self.sampler.set_epoch(epoch, first)
-        if hasattr(self.train_ds, "set_epoch"):
-            self.train_ds.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, first)  # the epoch travels to the (persistent) workers in the sampler's keys
         self.sums = torch.zeros(len(self.parts), device=self.dev)
         self.count = 0
         carried = self.carry if (self.carry and first > 0 and self.carry.get("epoch") == epoch) else None
@@ -268,7 +263,7 @@ class Trainer:
                         break
                     raise
                 clock.waited()
-                image, mask = to_device(batch, self.dev, self.dev.type == "cuda")
+                image, mask, _ = to_model_input(batch, self.dev, channels_last=self.dev.type == "cuda")
                 lr = poly_lr(config.lr, self.global_step, self.total_steps)
                 self.sums += self.train_step(image, mask, lr)
                 self.count += 1

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.dataset import fit_size
+from ..data import to_model_input
+from ..data.dataset import resize_to_fit, to_canvas
 from ..data.sources import IMAGE_EXTS
 from ..outputs import write_atomic
-from .batches import normalize_image
 from .evaluation import autocast
 
 #: The evaluation threshold (SPEC section 9, IMDL-BenCo): tampered where p > 0.5, strictly.
@@ -58,10 +58,10 @@ def list_images(path: Path) -> list[Path]:
 def predict_image(net, image: np.ndarray, size: int, mode: str, device: torch.device, amp: str = "off") -> np.ndarray:
     """p in [0, 1] at the image's original size, float32 (H, W)."""
     H, W = image.shape[:2]
-    img, _, _ = fit_size(image, np.zeros((H, W), bool), size, mode, None)
-    x = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))[None].to(device)
+    img, _, _ = to_canvas(*resize_to_fit(image, np.zeros((H, W), bool), size, mode), size)
+    x = to_model_input(torch.from_numpy(img)[None], device).image
     with autocast(device, amp):
-        prob = torch.sigmoid(net(normalize_image(x))["logits"].float())
+        prob = torch.sigmoid(net(x)["logits"].float())
     if mode == "resize":
         prob = F.interpolate(prob, size=(H, W), mode="bilinear", align_corners=False)
     else:  # padding: take the valid top-left region (scaled back if the image was shrunk to fit)
