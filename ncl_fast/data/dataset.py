@@ -86,6 +86,11 @@ def valid_region(size: int, hw: tuple[int, int], flip: bool = False) -> np.ndarr
     return shape
 
 
+class UnreadableItemError(RuntimeError):
+    """An item whose files cannot be read any more; the message names them. (One
+    string argument, so that a DataLoader worker can hand it to the main process.)"""
+
+
 class ForgeryDataset(Dataset):
     """Items: `image` uint8 (3, S, S), `mask` bool (1, S, S), `label` (1. if any pixel is
     tampered), `name`, `size` (H, W) of the original image, `index`; and `shape_mask` bool
@@ -135,7 +140,11 @@ class ForgeryDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         e = self.entries[index]
-        image, mask = self.load(index)
+        try:
+            image, mask = self.load(index)
+        except (OSError, ValueError, SyntaxError) as err:  # a file changed or vanished since it was checked
+            raise UnreadableItemError(f"{e.image}" + (f" (mask {e.mask})" if e.mask else "")
+                                      + f": {type(err).__name__}: {err}") from None
         H, W = mask.shape
         label = float(mask.any())
         if self.attack is not None:

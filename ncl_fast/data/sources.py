@@ -68,7 +68,26 @@ class Report:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    """The image files of a folder, broken links included (they are reported by name
+    when opened, never skipped in silence, which would shift the pairing)."""
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower() in IMAGE_EXTS)
+
+
+def read_json(path: Path, what: str):
+    """A JSON file in UTF-8, UTF-16 or UTF-32 (with or without a byte-order mark), or a
+    DatasetError naming the file and what to do."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return json.loads(raw)  # json detects UTF-8, -16 and -32 from the bytes
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: the {what} is not UTF-8 (nor UTF-16/32) text (byte {err.start} of {len(raw)}: "
+                           f"{err.reason}); save it as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: cannot read the {what} ({err})") from None
 
 
 def list_folder(root: Path) -> tuple[list[Entry], list[str]]:
@@ -91,10 +110,7 @@ def list_folder(root: Path) -> tuple[list[Entry], list[str]]:
 
 
 def list_json(path: Path) -> list[Entry]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the JSON list ({err})") from err
+    data = read_json(path, "JSON list")
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of [image, mask] pairs, got {type(data).__name__}")
     base = path.parent
@@ -128,10 +144,7 @@ def list_test_sets(path: str | os.PathLike) -> dict[str, str]:
     """`--test_data_path`: a dataset (named by its folder or file) or a JSON map {name: path}."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DatasetError(f"{p}: cannot read the JSON ({err})") from err
+        data = read_json(p, "JSON")
         if isinstance(data, dict):
             if not data:
                 raise DatasetError(f"{p}: the test-set map is empty")
@@ -304,18 +317,32 @@ def _mask_warnings(path: str, rgb: np.ndarray) -> list[str]:
     return out
 
 
+#: the EXIF tag of the orientation in which viewers show an image
+_EXIF_ORIENTATION = 0x0112
+
+
 def _open(path: str, what: str, report: Report, missing_hint: str = "", read_rgb: bool = False):
     """(size, RGB array or None) of an image file, or None after recording why it cannot be read."""
     try:
         with open_image(path) as im:
             im.load()
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format in ("JPEG", "TIFF", "PNG", "WEBP") \
+                else 1
+            if orientation not in (1, None):
+                report.warnings.append(
+                    f"{path}: its EXIF orientation is {orientation} (shown rotated or flipped by viewers); images "
+                    f"and masks are read as stored, so a mask drawn on the displayed {what} would not align")
             if read_rgb:
                 return im.size, to_rgb(im, path)
             if im.mode in ("I", "F"):  # decode now: their values may fit no range (an error before training)
                 to_rgb(im, path)
             return im.size, None
     except FileNotFoundError:
-        report.errors.append(f"{path}: {what} not found{missing_hint}")
+        if os.path.islink(path):
+            report.errors.append(f"{path}: a broken link to {os.readlink(path)} ({what}{missing_hint}); "
+                                 f"restore its target or remove it")
+        else:
+            report.errors.append(f"{path}: {what} not found{missing_hint}")
     except (ImageTooLargeError, UnsupportedImageError) as err:
         report.errors.append(str(err))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

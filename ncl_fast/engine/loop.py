@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .. import _backend, cli, distributed
 from ..data import EpochSampler, ForgeryDataset, to_model_input
+from ..data.dataset import UnreadableItemError
 from ..model import NCLModel, describe_backbone
 from . import records
 from ..outputs import FolderLock, OutputError, write_atomic
@@ -31,6 +32,15 @@ from .interrupts import StopRequest, ignore_in_workers
 
 #: The model_config keys that change the set of weights (dropout does not).
 ARCHITECTURE = ("backbone", "pivot_stage", "variant", "width", "head_channels")
+
+
+def item_error(err: BaseException) -> str:
+    """The file and reason of an `UnreadableItemError`, also when a DataLoader worker
+    handed it over wrapped in its traceback (the last line is the original message)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    prefix = f"{UnreadableItemError.__module__}.{UnreadableItemError.__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def poly_lr(lr0: float, step: int, total: int) -> float:
@@ -106,6 +116,7 @@ class Trainer:
         self.step_module = None
         self.warned_input_bound = False
         self.intervals = 0  # logging intervals this process has run
+        self.unreadable = None  # what could not be read, when a training item failed
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def checkpoint_bytes(self) -> int:
@@ -257,6 +268,9 @@ class Trainer:
                 try:
                     batch = next(batches)
                 except StopIteration:
+                    break
+                except UnreadableItemError as err:  # a file that changed or vanished since the check
+                    self.unreadable = item_error(err)
                     break
                 except RuntimeError:
                     if self.stop.requested:  # a loader worker ended by the stop's signal: the stop decides
@@ -425,6 +439,12 @@ class Trainer:
                     record = self.train_epoch(self.epoch)
                     if record is None:  # stopped part-way through the epoch
                         saved = self.save()
+                        if self.unreadable:
+                            raise cli.RunError(
+                                f"cannot read {self.unreadable}; training stopped at epoch {self.epoch}, step "
+                                f"{self.step} of {self.steps_per_epoch} and saved {saved}: fix or remove the file "
+                                f"(python -m ncl_fast.check_data lists every problem), then continue with "
+                                f"--resume auto")
                         break
                     saved = self.save(epoch_done=record)
                     last_eval = self.end_epoch(record) or last_eval
