@@ -49,6 +49,7 @@ def report_one(name: str, path: str, invert: bool) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.check_data", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     ap.add_argument("path", help="Tp/Gt folder, JSON list, or JSON map {name: path}")
     ap.add_argument("--invert-masks", "--invert_masks", action="store_true",
                     help="masks are black = tampered (raw NIST16)")

@@ -74,6 +74,7 @@ def preset_help(key: str, text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.train", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     A = ap.add_argument
     A("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every unset option (default: demo)")
     A("--data_path", "--data-path", default=None,
