@@ -22,11 +22,12 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import device_header, irregular_masks, table  # noqa: E402
+from _harness import device_header, table  # noqa: E402
 from bench_ncl_loss import top_kernels  # noqa: E402
 
 from ncl_fast import _backend  # noqa: E402
 from ncl_fast.model import LossConfig, NCLModel  # noqa: E402
+from ncl_fast.testing import ellipse_masks  # noqa: E402
 
 CONFIGS = {
     "base": ("base", None),
@@ -48,7 +49,7 @@ def step_time(variant: str, impl: str | None, precision: str, compiled: bool, st
     x = torch.randn(B, 3, size, size, device=dev)
     if cl:
         x = x.to(memory_format=torch.channels_last)
-    mask = irregular_masks(B, size, size, (0.05, 0.30), seed=0, device=dev)
+    mask = ellipse_masks(B, size, size, 0, area=(0.05, 0.30), device=dev)
     fwd = torch.compile(model) if compiled else model
 
     def one():
