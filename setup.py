@@ -12,28 +12,44 @@ torchvision supplies the ViT backbone's transformer (`ncl_fast.model.vit`): a
 well-kept, widely tested implementation rather than a hand-written one, with
 random initialisation (nothing is downloaded).
 
+* Packages are found, not listed: every folder of `ncl_fast/` with an
+  `__init__.py`, and `kernels/` with its subpackages under `ncl_fast.kernels`.
+* The version has one source, `ncl_fast/_version.py`, read here without
+  importing the package (which would import torch).
+* The sdist (`MANIFEST.in`) carries `csrc/` with its headers, so a wheel built
+  from it compiles the same extension.
+
 torch must already be installed: `pip install --no-build-isolation -e .`.
 """
 import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _ext_sources():
-    """Load ncl_fast/_ext_sources.py alone (importing the package would import all of it)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ncl_fast", "_ext_sources.py")
-    spec = importlib.util.spec_from_file_location("_ncl_fast_ext_sources", path)
+def _load(name):
+    """Load ncl_fast/<name>.py alone (importing the package would import all of it, torch included)."""
+    spec = importlib.util.spec_from_file_location(f"_ncl_fast_setup_{name}", os.path.join(HERE, "ncl_fast", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    README = f.read()
+
+#: `ncl_fast` and its subpackages, then the Triton code of `kernels/` as `ncl_fast.kernels`
+PACKAGES = find_packages(include=["ncl_fast", "ncl_fast.*"]) + [
+    "ncl_fast.kernels", *(f"ncl_fast.kernels.{name}" for name in find_packages("kernels"))]
 
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("NCL_FAST_BUILD_EXT", "1") != "0":
     from torch.utils import cpp_extension
 
-    cfg = _ext_sources().extension_config(cpp_extension.CUDA_HOME)
+    cfg = _load("_ext_sources").extension_config(cpp_extension.CUDA_HOME)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     Ext = cpp_extension.CUDAExtension if cfg["with_cuda"] else cpp_extension.CppExtension
     print(
@@ -53,10 +69,14 @@ if os.environ.get("NCL_FAST_BUILD_EXT", "1") != "0":
 
 setup(
     name="ncl_fast",
-    version="0.1.0",
+    version=_load("_version").__version__,
     description="NCL image-manipulation localization (ICCV 2023) trained from scratch, with fused Triton/CUDA losses",
+    long_description=README,
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
-    packages=["ncl_fast", "ncl_fast.reference", "ncl_fast.model", "ncl_fast.kernels"],
+    packages=PACKAGES,
     package_dir={"ncl_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -73,7 +93,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn"],
+        "test": ["pytest>=7", "scikit-learn", "build"],  # build: the packaging test builds the sdist and wheel
     },
     entry_points={
         "console_scripts": [

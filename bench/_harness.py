@@ -55,24 +55,3 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
-
-def irregular_masks(B: int, H: int, W: int, area: tuple[float, float], seed: int, device) -> torch.Tensor:
-    """Float (B, 1, H, W) masks: unions of random ellipses, grown until each image's
-    tampered fraction lies in `area` (e.g. (0.05, 0.30))."""
-    g = torch.Generator().manual_seed(seed)
-    yy = torch.arange(H, dtype=torch.float32)[:, None]
-    xx = torch.arange(W, dtype=torch.float32)[None, :]
-    masks = torch.zeros(B, 1, H, W)
-    for b in range(B):
-        target = area[0] + (area[1] - area[0]) * torch.rand(1, generator=g).item()
-        m = torch.zeros(H, W, dtype=torch.bool)
-        while m.float().mean() < target:
-            cy, cx = torch.rand(2, generator=g).tolist()
-            ry, rx = (0.03 + 0.12 * torch.rand(2, generator=g)).tolist()
-            angle = torch.rand(1, generator=g).item() * 3.1416
-            c, s = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
-            dy, dx = yy - cy * H, xx - cx * W
-            u, v = (c * dx + s * dy) / (rx * W), (-s * dx + c * dy) / (ry * H)
-            m |= u**2 + v**2 <= 1
-        masks[b, 0] = m.float()
-    return masks.to(device)

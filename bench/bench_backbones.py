@@ -19,9 +19,10 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import device_header, irregular_masks, table  # noqa: E402
+from _harness import device_header, table  # noqa: E402
 
 from ncl_fast.model import LossConfig, NCLModel, describe_backbone  # noqa: E402
+from ncl_fast.testing import ellipse_masks  # noqa: E402
 
 
 def build(backbone: str, dev: torch.device) -> NCLModel:
@@ -49,7 +50,7 @@ def main() -> None:
     models = {n: build(n, dev) for n in names}
     opts = {n: torch.optim.AdamW(m.parameters(), lr=0.003, weight_decay=0.01) for n, m in models.items()}
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
-    mask = irregular_masks(args.batch, args.size, args.size, (0.05, 0.30), seed=0, device=dev)
+    mask = ellipse_masks(args.batch, args.size, args.size, 0, area=(0.05, 0.30), device=dev)
 
     def step(n: str) -> float:
         if dev.type == "cuda":

@@ -31,13 +31,14 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import device_header, irregular_masks, table  # noqa: E402
+from _harness import device_header, table  # noqa: E402
 from bench_ncl_loss import top_kernels  # noqa: E402
 
 from ncl_fast import _backend  # noqa: E402
 from ncl_fast.data import to_model_input  # noqa: E402
 from ncl_fast.engine.loop import TrainStep  # noqa: E402
 from ncl_fast.model import LossConfig, NCLModel  # noqa: E402
+from ncl_fast.testing import ellipse_masks  # noqa: E402
 
 CONFIGS = {
     "base": ("base", None),
@@ -64,7 +65,7 @@ def step_time(variant: str, impl: str | None, precision: str, mode: str, steps: 
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=5e-4)
     batch = {"image": torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, device=dev),
-             "mask": irregular_masks(B, size, size, (0.05, 0.30), seed=0, device=dev) > 0.5}
+             "mask": ellipse_masks(B, size, size, 0, area=(0.05, 0.30), device=dev) > 0.5}
     step = TrainStep(model)
     fwd = step if MODES[mode] is None else torch.compile(step, mode=None if MODES[mode] == "default" else MODES[mode])
 

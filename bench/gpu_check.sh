@@ -58,7 +58,7 @@ if want parity || want ncl; then
   wait
   stamp "warm end"
 fi
-run_part parity 150 $py -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
+run_part parity 150 $py -m pytest -q -p no:cacheprovider tests/ops/test_gpu_parity.py
 run_part sanitize 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $py bench/sanitize_check.py
 run_part ncl 200 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}

@@ -13,17 +13,7 @@ from __future__ import annotations
 import torch
 
 from ncl_fast import functional
-
-
-def ellipse_masks(B: int, H: int, W: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    out = torch.zeros(B, 1, H, W)
-    for b in range(B):
-        cy, cx = (torch.rand(2, generator=g) * torch.tensor([H, W])).tolist()
-        ry, rx = (0.1 + 0.3 * torch.rand(2, generator=g) * torch.tensor([H, W])).tolist()
-        out[b, 0] = ((((yy - cy) / max(ry, 1)) ** 2 + ((xx - cx) / max(rx, 1)) ** 2) <= 1).float()
-    return out.cuda()
+from ncl_fast.testing import ellipse_masks
 
 
 def main() -> None:
@@ -34,7 +24,7 @@ def main() -> None:
     default_budget = k.SIM_BUDGET
     # (B, C, h, w, p, stride): odd sizes leave uncovered cells; stage-1-like and stage-2-like
     for B, C, h, w, p, s in ((3, 8, 36, 28, 4, 2), (2, 16, 16, 24, 2, 4)):
-        mask = ellipse_masks(B, h * s, w * s, seed=B)
+        mask = ellipse_masks(B, h * s, w * s, B, device=dev)
         labels = functional.patch_labels(mask, (h, w), p, impl="triton")
         assert torch.equal(labels, functional.patch_labels(mask, (h, w), p, impl="reference"))
         D = C * p * p
@@ -55,7 +45,7 @@ def main() -> None:
             print(f"ncl_terms B={B} C={C} {h}x{w} p={p} {dtype} {layout} {path}: terms {terms.sum().item():.4f}",
                   flush=True)
     k.SIM_BUDGET = default_budget
-    mask = ellipse_masks(2, 96, 80, seed=7)
+    mask = ellipse_masks(2, 96, 80, 7, device=dev)
     for dtype in (torch.float32, torch.bfloat16):
         preds = [torch.randn(2, 1, 96 // k, 80 // k, device=dev, generator=g).to(dtype).requires_grad_()
                  for k in (8, 4, 1)]

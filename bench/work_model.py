@@ -7,7 +7,7 @@ The floor (issue "second design"): one pass over each image's |P| x (|P| + |N|)
 similarities forward (D multiply-adds each) and two backward. tf32x3 (the fp32
 default) runs three tensor-core products per multiply-add counted here.
 
-`tests/test_work_model.py` checks the programs and the multiply-adds against an
+`tests/ops/test_work_model.py` checks the programs and the multiply-adds against an
 interpreter run of the real kernels at a small shape; `bench/kernel_report.py`
 prints the table at the paper's shapes.
 """

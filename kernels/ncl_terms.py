@@ -66,7 +66,7 @@ are read at the matching canonical index.
 Grids put the tiles on axis 0 (up to 2^31 - 1 programs) and the image on axis 1
 (B <= 65535).
 
-Tested on the CPU under TRITON_INTERPRET=1 (tests/test_ncl_terms.py, both
+Tested on the CPU under TRITON_INTERPRET=1 (tests/ops/test_ncl_terms.py, both
 paths); `bench/kernel_report.py` compiles every kernel for sm_90 and sm_80 and
 counts each launch's work; the GPU parity and timing run is `bench/gpu_check.sh`.
 """

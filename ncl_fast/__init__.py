@@ -6,10 +6,9 @@ fused backends are loaded on first use (see `ncl_fast._backend`).
 """
 from . import functional, reference
 from ._backend import BackendUnavailableError
+from ._version import __version__
 from .functional import ncl_loss, ncl_terms, patch_labels, pc_bce, pc_loss
 from .model.ncl_loss import NCLLoss
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",

@@ -54,6 +54,7 @@ OWN_OPTIONS = ("--variant", "--pivot_stage", "--pivot-stage", "--seed", "--outpu
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.ablate", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     A = ap.add_argument
     A("--tables", nargs="+", default=list(TABLES), choices=list(TABLES),
       help=f"tables to run (default: all: {' '.join(TABLES)})")

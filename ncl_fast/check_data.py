@@ -20,6 +20,7 @@ from .data.sources import DatasetError, list_test_sets
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.check_data", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     ap.add_argument("path", help="Tp/Gt folder, JSON list, or JSON map {name: path}")
     ap.add_argument("--invert-masks", "--invert_masks", action="store_true",
                     help="masks are black = tampered (raw NIST16)")

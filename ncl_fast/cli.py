@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from ._version import __version__
+
 OK, FAILURE, USAGE, INTERRUPTED = 0, 1, 2, 130
 
 #: The stride of the network and the 16 px patches: image sizes are multiples of it.
@@ -119,6 +121,14 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 positive_float = float_in(0.0, low_open=True)
 nonnegative_float = float_in(0.0)
+
+
+def add_version_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--version`, the same for every command: prints `ncl_fast <version>` (from
+    `ncl_fast/_version.py`) and exits 0. Returns the parser."""
+    parser.add_argument("--version", action="version", version=f"ncl_fast {__version__}",
+                        help="print the version of ncl_fast and exit")
+    return parser
 
 
 def add_large_images_option(add: Callable[..., object]) -> None:

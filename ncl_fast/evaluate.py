@@ -29,6 +29,7 @@ from .outputs import OutputError, write_atomic, write_json
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.evaluate", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     ap.add_argument("--checkpoint", required=True, help="a checkpoint-<epoch>.pth of ncl_fast.train (or {model: ...})")
     ap.add_argument("--test_data_path", "--test-data-path", required=True,
                     help="Tp/Gt folder, JSON list, or JSON map {name: path}")

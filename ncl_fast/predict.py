@@ -37,6 +37,7 @@ from .outputs import OutputError
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.predict", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     ap.add_argument("input", help="an image or a folder of images")
     ap.add_argument("--checkpoint", required=True, help="a checkpoint-<epoch>.pth of ncl_fast.train (or {model: ...})")
     ap.add_argument("--out", "--output_dir", "--output-dir", required=True,

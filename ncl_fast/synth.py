@@ -20,6 +20,7 @@ from .data.synthetic import generate
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ncl_fast.synth", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     ap.add_argument("out", help="output folder (Tp/ and Gt/ are created in it)")
     ap.add_argument("--n", type=cli.positive_int, default=200, help="number of images (default: 200)")
     ap.add_argument("--seed", type=cli.nonnegative_int, default=0, help="(default: 0)")

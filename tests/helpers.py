@@ -1,42 +1,33 @@
-"""Random test inputs: masks of irregular shape and feature maps."""
+"""What the tests share: random masks (`ncl_fast.testing`, the generator `bench/`
+uses too), the backend check, the tiny training options and a synthetic split.
+Tests import it as `helpers` (`pythonpath` in pyproject.toml); nothing is imported
+from conftest.py, which holds only fixtures and hooks."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 
-MASK_KINDS = ("blobs", "all", "none", "aligned", "noise")
+from ncl_fast.testing import MASK_KINDS, random_mask  # noqa: F401  (the tests' masks)
+
+#: the repository's root (README.md, .ci/, bench/)
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_mask(B: int, H: int, W: int, kind: str, gen: torch.Generator, window=(1, 1)) -> torch.Tensor:
-    """Float `(B, 1, H, W)` mask in {0, 1}.
+def require_backend(backend: str, op: str) -> None:
+    """Skip (or fail, where NCL_FAST_REQUIRE=<backend,...> says it must be there, as in CI)
+    when `backend` cannot run `op` on CPU tensors here."""
+    from ncl_fast import _backend
 
-    * blobs: a union of random ellipses (irregular tampered regions)
-    * all / none: every pixel tampered / authentic
-    * aligned: constant over each `window` tile, so no patch of that size is mixed
-    * noise: independent pixels (almost every window is mixed)
-    """
-    if kind == "all":
-        return torch.ones(B, 1, H, W)
-    if kind == "none":
-        return torch.zeros(B, 1, H, W)
-    if kind == "noise":
-        return (torch.rand(B, 1, H, W, generator=gen) < 0.5).float()
-    if kind == "aligned":
-        wy, wx = window
-        tiles = (torch.rand(B, 1, -(-H // wy), -(-W // wx), generator=gen) < 0.5).float()
-        return tiles.repeat_interleave(wy, 2).repeat_interleave(wx, 3)[:, :, :H, :W].contiguous()
-    if kind != "blobs":
-        raise ValueError(kind)
-    yy = torch.arange(H, dtype=torch.float64)[:, None]
-    xx = torch.arange(W, dtype=torch.float64)[None, :]
-    out = torch.zeros(B, 1, H, W)
-    for b in range(B):
-        n = int(torch.randint(1, 4, (1,), generator=gen))
-        for _ in range(n):
-            cy, cx = (torch.rand(2, generator=gen).double() * torch.tensor([H, W])).tolist()
-            ry, rx = (0.1 + 0.3 * torch.rand(2, generator=gen).double() * torch.tensor([H, W])).tolist()
-            inside = ((yy - cy) / max(ry, 0.5)) ** 2 + ((xx - cx) / max(rx, 0.5)) ** 2 <= 1
-            out[b, 0][inside] = 1.0
-    return out
+    reason = _backend.unavailable_reason(backend, op, torch.device("cpu"))
+    if reason is None:
+        return
+    required = os.environ.get("NCL_FAST_REQUIRE", "").split(",")
+    if backend in required:
+        pytest.fail(f"NCL_FAST_REQUIRE lists {backend}, but it cannot run {op}: {reason}")
+    pytest.skip(f"{backend} backend unavailable: {reason}")
 
 
 def as_mask_dtype(mask: torch.Tensor, dtype: str, gen: torch.Generator) -> torch.Tensor:
@@ -74,6 +65,28 @@ def synthetic_split(folder, n: int, seed: int, n_train: int):
 TINY_TRAIN = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32",
               "--test_image_size", "32", "--batch_size", "2", "--num_workers", "0", "--lr", "0.01", "--no-progress",
               "--if_resizing"]
+
+
+def tiny_train(**changes: str | None) -> list[str]:
+    """`TINY_TRAIN` with the values of some options changed (`lr="0.05"`) or options
+    left out (`batch_size=None`); keys are the options' names without `--`."""
+    out, i = [], 0
+    while i < len(TINY_TRAIN):
+        option = TINY_TRAIN[i]
+        has_value = i + 1 < len(TINY_TRAIN) and not TINY_TRAIN[i + 1].startswith("--")
+        key = option[2:]
+        if key in changes:
+            if changes[key] is not None:
+                if not has_value:
+                    raise ValueError(f"tiny_train: {option} is a flag; it can only be left out ({key}=None)")
+                out += [option, changes[key]]
+        else:
+            out += TINY_TRAIN[i:i + 1 + has_value]
+        i += 1 + has_value
+    unknown = set(changes) - {o[2:] for o in TINY_TRAIN if o.startswith("--")}
+    if unknown:
+        raise ValueError(f"tiny_train: {sorted(unknown)} are not options of TINY_TRAIN")
+    return out
 
 
 def losses_over_steps(model, x, mask, opt, steps: int) -> list:

@@ -203,6 +203,7 @@ def preset_help(key: str, text: str) -> str:
 
 def train_parser(prog: str = "python -m ncl_fast.train", description: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=cli.HelpFormatter)
+    cli.add_version_option(ap)
     A = ap.add_argument
     A("--preset", default="demo", choices=sorted(PRESETS), help="defaults for every unset option (default: demo)")
     A("--data_path", "--data-path", default=None,

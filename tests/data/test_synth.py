@@ -2,10 +2,13 @@
 import hashlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ncl_fast import synth
 from ncl_fast.data import load_entries
+
+pytestmark = pytest.mark.slow
 
 
 def digest(folder):

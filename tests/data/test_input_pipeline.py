@@ -174,6 +174,7 @@ def run_epochs(loader, sampler, plan):
     return out
 
 
+@pytest.mark.slow
 def test_persistent_workers_draw_new_crops_every_epoch(tmp_path):
     rng = np.random.default_rng()
     sizes = [(int(rng.integers(40, 70)), int(rng.integers(40, 70))) for _ in range(8)]  # all larger than S: crops

@@ -4,10 +4,11 @@ shapes)."""
 import pytest
 import torch
 
-from conftest import require_backend
-from helpers import random_mask
+from helpers import random_mask, require_backend
 from ncl_fast import _backend
 from ncl_fast.model import LossConfig, NCLModel
+
+pytestmark = pytest.mark.slow
 
 FUSED = {"patch_labels": "triton", "ncl_terms": "triton", "pc_bce": "cuda", "pc_loss": "cuda"}
 

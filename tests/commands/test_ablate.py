@@ -30,6 +30,7 @@ def last_record(run_dir):
     return [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()][-1]
 
 
+@pytest.mark.slow
 def test_tables_json_plot_and_skip(tmp_path, data, capsys):
     cmd = argv(tmp_path, data, "--tables", "variants", "--configs", "base", "pivot", "--seeds", "3", "5",
                "--epochs", "2")
@@ -75,6 +76,7 @@ def test_tables_json_plot_and_skip(tmp_path, data, capsys):
     assert {p: p.read_text() for p in tmp_path.glob("*/seed*/log.txt")} == logs
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch):
     cmd = ["--tables", "variants", "--configs", "full", "--seeds", "0", "--epochs", "2"]
     assert ablate.main(argv(tmp_path / "a", data, *cmd)) == 0
@@ -98,6 +100,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, monkeypatch)
     assert b["done"] and b["final"] == a["final"] and b["curves"] == a["curves"]
 
 
+@pytest.mark.slow
 def test_vit_rows_take_the_vit_and_drop_resnet_options(tmp_path, data):
     """--backbone 18 --width 8 are for the ResNet rows: the ViT rows run --vit_backbone instead."""
     assert ablate.main(argv(tmp_path, data, "--tables", "backbones", "--configs", "vit-full", "--seeds", "0",
@@ -131,6 +134,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data, capsys):
     assert str(run_dir) in err and "other options" in err
 
 
+@pytest.mark.slow
 def test_runs_are_compared_by_value_not_by_spelling(tmp_path, data, capsys):
     """The same options in another order or spelling, and options that cannot change
     results (workers, progress bars), leave a finished run finished."""
@@ -148,6 +152,7 @@ def test_runs_are_compared_by_value_not_by_spelling(tmp_path, data, capsys):
     assert "lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gradient_probe_against_the_total_loss(tmp_path, data):
     """The probe's NCL gradient, recomputed as grad(total loss) - grad(rest): the same ratio."""
     import torch

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_kernels_compile_for_sm90_and_sm80_without_spills():

@@ -44,6 +44,7 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+@pytest.mark.slow
 def test_train_writes_logs_and_checkpoints(tmp_path, data, capsys):
     assert run(tmp_path, data, "--epochs", "2", "--test_period", "1") == 0
     out = capsys.readouterr().out
@@ -59,6 +60,7 @@ def test_train_writes_logs_and_checkpoints(tmp_path, data, capsys):
     assert not list(tmp_path.glob(".*.tmp-*")), "no temporary checkpoint left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_resume_equals_uninterrupted(tmp_path, data, optimizer):
     assert run(tmp_path / "a", data, "--epochs", "3", "--optimizer", optimizer) == 0
@@ -85,6 +87,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, optimizer):
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_saves_at_the_step_boundary_and_resumes(tmp_path, data, monkeypatch, capsys, signum, code):
     """Ctrl-C, or the SIGTERM a cluster sends before it kills a job, while a batch is
@@ -150,6 +153,7 @@ def test_evaluate_and_predict(tmp_path, data, capsys):
     assert "missing does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bare_checkpoint_needs_matching_model(tmp_path, data, capsys):
     assert run(tmp_path / "t", data, "--epochs", "1") == 0
     torch.save({"model": load_checkpoint(tmp_path / "t" / "checkpoint-0.pth")["model"]}, tmp_path / "bare.pth")
@@ -195,6 +199,7 @@ def same_state(a, b):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["forward", "update"])
 def test_interrupt_inside_a_step_resumes_exactly(tmp_path, data, uninterrupted, monkeypatch, capsys, where):
     """Ctrl-C in the middle of step 3: after the forward pass has moved the BatchNorm

@@ -23,6 +23,7 @@ def split_mask(B: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", [18, 34, 50, 101])
 def test_deeplab_shapes_every_stage(backbone, gen):
     x = torch.randn(2, 3, 48, 40, generator=gen)
@@ -38,6 +39,7 @@ def test_deeplab_shapes_every_stage(backbone, gen):
     assert net.encoder.out_channels == STAGE_CHANNELS[backbone]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", [18, 50])
 @pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
 def test_full_model_every_pivot_stage(backbone, stage, gen):
@@ -117,6 +119,7 @@ def test_pivot_without_contour_patches(gen):
     assert torch.equal(pivot.pos.bn.running_mean, before)
 
 
+@pytest.mark.slow
 def test_variants_loss_parts(gen):
     x = torch.randn(2, 3, 32, 32, generator=gen)
     mask = random_mask(2, 32, 32, "blobs", gen)
@@ -130,6 +133,7 @@ def test_variants_loss_parts(gen):
         torch.testing.assert_close(p["loss"], rest + 0.01 * p["ncl"])
 
 
+@pytest.mark.slow
 def test_model_can_learn(gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = NCLModel(18, 1, LossConfig(impl="reference")).train()
@@ -155,6 +159,7 @@ def test_bad_image_shapes():
         DeepLabV3Plus(20)
 
 
+@pytest.mark.slow
 def test_patch_not_dividing_the_stride(gen):
     # stage 3 has stride 8: a 12 px patch is 1.5 cells
     model = NCLModel(18, 3, LossConfig(patch_px=12, impl="reference"))
@@ -163,6 +168,7 @@ def test_patch_not_dividing_the_stride(gen):
         model(x, random_mask(1, 64, 64, "blobs", gen))
 
 
+@pytest.mark.slow
 def test_benco_wrapper_contract(gen):
     from ncl_fast.benco import NCLBenCo
 

@@ -127,6 +127,7 @@ def test_pc_loss_applies_at_every_stride(gen):
     torch.testing.assert_close(parts["pc"], each)
 
 
+@pytest.mark.slow
 def test_model_can_learn(gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = NCLModel(TINY, loss=LossConfig(impl="reference"), head_channels=16).train()
@@ -162,6 +163,7 @@ def test_named_sizes():
     assert net.feature_channels == 128 and len(net.encoder.vit.encoder.layers) == 4
 
 
+@pytest.mark.slow
 def test_no_graph_break_in_the_training_step(gen):
     model = NCLModel(TINY, loss=LossConfig(impl="reference"), head_channels=16).train()
     x = torch.randn(2, 3, 48, 32, generator=gen)  # not the construction size: the interpolation traces too
@@ -171,6 +173,7 @@ def test_no_graph_break_in_the_training_step(gen):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.slow
 def test_benco_wrapper_with_a_vit(gen):
     from ncl_fast.benco import NCLBenCo
 
@@ -218,6 +221,7 @@ def test_bad_backbone_options_exit_2(bad, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_resume_evaluate_predict(tmp_path, data, capsys):
     assert run(tmp_path / "a", data, "--epochs", "2") == 0
     out = capsys.readouterr().out
@@ -252,6 +256,7 @@ def test_train_resume_evaluate_predict(tmp_path, data, capsys):
     assert "does not fit a ViT vit_demo" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_old_int_backbone_checkpoints_still_load_and_resume(tmp_path, data, monkeypatch, capsys):
     """Checkpoints written before ViTs existed store an int backbone, and (older still)
     no width or pivot_stage in model_config: evaluate loads them, train continues them

@@ -2,17 +2,15 @@
 the float64 oracle (labels, anchors from the Pivot's literal definition, terms),
 its gradients, its checks, and the README's example."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import oracles
-from conftest import require_backend
-from helpers import random_mask
+from helpers import ROOT, random_mask, require_backend
 from ncl_fast import NCLLoss
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def literal_anchors(module: NCLLoss, feat: torch.Tensor, labels: torch.Tensor, p: int):

@@ -7,9 +7,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from conftest import require_backend
+from helpers import ROOT, require_backend
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 class DotCounter:
@@ -47,6 +47,7 @@ class DotCounter:
         monkeypatch.setattr(builder_cls, "create_dot", dot)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["stored", "bounded", "mixed"])
 def test_work_model_matches_the_kernels(path, gen, monkeypatch):
     require_backend("triton", "ncl_terms")

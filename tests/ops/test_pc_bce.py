@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import oracles
-from conftest import require_backend
-from helpers import as_mask_dtype, random_mask
+from helpers import as_mask_dtype, random_mask, require_backend
 from ncl_fast import functional
 from tolerances import SAME_VALUES
 

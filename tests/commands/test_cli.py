@@ -2,14 +2,13 @@
 exit codes, and the README's set-up line. Nothing here trains a model."""
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
 from ncl_fast import check_data, cli, evaluate, predict, synth, train
 from ncl_fast.engine.config import PRESETS, resolve
 
-ROOT = Path(__file__).resolve().parents[1]
 PARSERS = {
     "train": train.build_parser,
     "evaluate": evaluate.build_parser,

@@ -29,6 +29,7 @@ def train(tmp, train_json, *extra):
     return run_training(config, distributed.setup("cpu"))
 
 
+@pytest.mark.slow
 def test_json_lists_in_utf16_read_and_in_latin1_are_named(tmp_path, data, capsys):
     pairs = json.loads((data / "train.json").read_text())
     for i, (img, mask) in enumerate(pairs[:4]):  # names with accents
@@ -78,6 +79,7 @@ def test_a_rotated_jpeg_gets_a_warning(tmp_path, capsys):
     assert "a.jpg: its EXIF orientation is 6" in out and "would not align" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_that_vanishes_mid_run_is_named_and_the_run_saved(tmp_path, data, capsys, workers):
     pairs = json.loads((data / "train.json").read_text())
@@ -108,6 +110,7 @@ def test_an_image_that_vanishes_mid_run_is_named_and_the_run_saved(tmp_path, dat
     assert load_checkpoint(tmp_path / "out" / "checkpoint-1.pth")["next_epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_error_line_and_keeps_the_previous_checkpoint(tmp_path, data):
     """A quota or a full disk, as `ulimit -f` makes it: the checkpoint write fails."""
     common = [sys.executable, "-m", "ncl_fast.train", *TINY_TRAIN, "--data_path", str(data / "train.json"),

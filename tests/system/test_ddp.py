@@ -18,12 +18,14 @@ import sys
 
 import pytest
 
-from helpers import synthetic_split
+from helpers import synthetic_split, tiny_train
 from ncl_fast.engine.checkpoints import load_checkpoint
 
-ARGS = ["--backbone", "18", "--width", "8", "--head_channels", "16", "--image_size", "32", "--test_image_size", "32",
-        "--num_workers", "0", "--lr", "0.05", "--no-progress", "--if_resizing", "--variant", "base", "--dropout", "0",
-        "--epochs", "1", "--device", "cpu"]
+pytestmark = pytest.mark.slow
+
+# the batch size is each test's own
+ARGS = tiny_train(lr="0.05", batch_size=None) + ["--variant", "base", "--dropout", "0", "--epochs", "1",
+                                                 "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow
 def test_no_host_read_inside_a_step(tmp_path, data, monkeypatch):
     """8 steps (2 epochs of 4) read the loss terms only at the logging interval and at
     each epoch's end, with one copy each, and nothing else reads a tensor."""
@@ -173,6 +174,7 @@ def test_the_gpu_monitor_samples_in_its_own_thread():
     assert records.GpuMonitor(torch.device("cpu")).start().since(0) == {}  # no GPU: no figures, no thread
 
 
+@pytest.mark.slow
 def test_an_input_bound_run_says_so_once_with_the_fix(tmp_path, data, monkeypatch, capsys):
     original = ForgeryDataset.__getitem__
 
@@ -200,6 +202,7 @@ def test_the_wait_share_is_the_time_spent_waiting():
 
 
 # ---- records and positions -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_stop_during_evaluation_loses_no_record(tmp_path, data, monkeypatch):
     """The checkpoint is written before the evaluation; a second Ctrl-C in the middle of
     it quits at once, and the resumed run evaluates and records that epoch first."""
@@ -222,6 +225,7 @@ def test_a_stop_during_evaluation_loses_no_record(tmp_path, data, monkeypatch):
     assert all("test_pixel-level F1" in r for r in log)
 
 
+@pytest.mark.slow
 def test_a_signal_during_evaluation_finishes_the_epoch(tmp_path, data, monkeypatch):
     real = loop.evaluate_sets
 
@@ -237,6 +241,7 @@ def test_a_signal_during_evaluation_finishes_the_epoch(tmp_path, data, monkeypat
     assert [r["epoch"] for r in log_of(tmp_path)] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_max_steps_leaves_no_partial_record(tmp_path, data):
     assert run(tmp_path, data, "--epochs", "2", "--max_steps", "6") == 0  # 4 steps per epoch
     assert [r["epoch"] for r in log_of(tmp_path)] == [0]
@@ -244,6 +249,7 @@ def test_max_steps_leaves_no_partial_record(tmp_path, data):
     assert [r["epoch"] for r in log_of(tmp_path)] == [0, 1]
 
 
+@pytest.mark.slow
 def test_resume_takes_the_furthest_position_not_the_newest_file(tmp_path, data, capsys):
     assert run(tmp_path / "a", data, "--epochs", "2", test=False) == 0
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -255,6 +261,7 @@ def test_resume_takes_the_furthest_position_not_the_newest_file(tmp_path, data, 
     assert [r["epoch"] for r in log_of(tmp_path / "b")] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_resuming_mid_epoch_with_another_batch_size_is_refused(tmp_path, data, capsys):
     assert run(tmp_path, data, "--epochs", "2", "--max_steps", "2", test=False) == 0
     capsys.readouterr()
@@ -264,6 +271,7 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused(tmp_path, data, c
 
 
 # ---- compile ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_whole_step_compiles_to_one_graph(tmp_path, data):
     """Model and loss (normalization, network, patch labels, Pivot, NCL, PC) as one
     inductor graph: 5 steps over batches with different masks, 1 compile, 0 recompiles,
@@ -280,6 +288,7 @@ def test_the_whole_step_compiles_to_one_graph(tmp_path, data):
 
 
 # ---- one run per folder ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_one_run_per_output_folder(tmp_path, data, capsys):
     from ncl_fast.outputs import FolderLock
 
@@ -295,6 +304,7 @@ def test_one_run_per_output_folder(tmp_path, data, capsys):
     assert run(tmp_path / "o", data, "--epochs", "1", test=False) == 0
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(tmp_path, data):
     import subprocess
     import sys
@@ -309,6 +319,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, data):
     assert run(tmp_path / "o", data, "--epochs", "1", test=False) == 0
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, data, capsys):
     assert run(tmp_path, data, "--epochs", "1", test=False) == 0
     before = (tmp_path / "checkpoint-0.pth").read_bytes()
@@ -323,6 +334,7 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path, data, capsys):
         config(tmp_path, data, "--overwrite", "--resume", "auto")
 
 
+@pytest.mark.slow
 def test_a_log_that_cannot_be_written_is_one_error_line(tmp_path, data, monkeypatch, capsys):
     import errno
 
@@ -340,6 +352,7 @@ def test_a_log_that_cannot_be_written_is_one_error_line(tmp_path, data, monkeypa
     assert (tmp_path / "checkpoint-0.pth").is_file()  # written before the record
 
 
+@pytest.mark.slow
 def test_imdl_benco_checkpoints_load(tmp_path, data, capsys):
     """IMDL-BenCo saves `args` as an argparse.Namespace and NCLBenCo's weights under `model.`."""
     import argparse
@@ -359,6 +372,7 @@ def test_imdl_benco_checkpoints_load(tmp_path, data, capsys):
     assert "32x32 (resize)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_persistent_workers_train_exactly_as_the_main_process(tmp_path, data):
     """Workers persist across epochs (the epoch reaches them in the sampler's keys): two
     epochs with 2 workers give the weights of the same two epochs loaded in the main

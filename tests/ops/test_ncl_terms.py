@@ -7,8 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import oracles
-from conftest import require_backend
-from helpers import random_mask, relative_error
+from helpers import random_mask, relative_error, require_backend
 from ncl_fast import functional, reference
 from tolerances import GRADS, SAME_VALUES, VS_FP32_INPUT
 
@@ -77,6 +76,7 @@ def check_grads(got, want, dtype):
         assert not bad.any(), f"d{name}: {bad.sum().item()} values differ, max rel {relative_error(g, r):.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["blobs", "all", "none", "aligned", "noise"])
 def test_ncl_terms_fp32_matches_oracle(impl, shape, kind, gen):
@@ -197,6 +197,7 @@ def test_no_l_by_l_buffer(impl, gen):
         assert not quadratic, f"buffers of {quadratic} elements: the fused op must not build L x L matrices"
 
 
+@pytest.mark.slow
 def test_ncl_terms_under_torch_compile(impl, gen):
     shape = (2, 3, 8, 8, 2)
     feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
@@ -220,6 +221,7 @@ def test_ncl_terms_under_torch_compile(impl, gen):
 # ---- the reference alone -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["blobs", "noise"])
 def test_ncl_terms_gradcheck(kind, gen):
     shape = (2, 3, 6, 5, 2)
@@ -269,6 +271,7 @@ def _fwd_plan(feat, labels, a_pos, a_neg, p):
     return out[0], out[-2], counts
 
 
+@pytest.mark.slow
 def test_mixed_batch_stores_what_fits(gen, monkeypatch):
     # Budget for image 0's block and a little more: image 0 is stored, image 1 (larger) is
     # not, image 2 (small) fits after image 0. Values and gradients still match.

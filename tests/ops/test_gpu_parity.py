@@ -4,20 +4,14 @@ import pytest
 import torch
 
 from ncl_fast import functional
+from ncl_fast.testing import ellipse_masks
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu
 
 
 def masks(B, size, seed):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    out = torch.zeros(B, 1, size, size)
-    for b in range(B):
-        for _ in range(3):
-            cy, cx = (torch.rand(2, generator=g) * size).tolist()
-            ry, rx = (size * (0.05 + 0.15 * torch.rand(2, generator=g))).tolist()
-            out[b, 0] = torch.maximum(out[b, 0], ((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1).float())
-    return out.cuda()
+    """The benchmarks' masks (5-30 % tampered, irregular), on the GPU."""
+    return ellipse_masks(B, size, size, seed, device="cuda")
 
 
 # stored: the default workspace (every image of these masks fits); bounded: none.
