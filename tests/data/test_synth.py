@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ncl_fast import synth
+from ncl_fast.data import synthetic as synth
 from ncl_fast.data import load_entries
 
 pytestmark = pytest.mark.slow
