@@ -239,8 +239,8 @@ def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4)
     with rec.active():
         kl.patch_labels_fwd(mask, (p * 512 // h, p * 512 // h), (h // p, h // p), 0.0)
         kl.patch_lists_fwd(labels)
-        out = kn.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, h // p), 0.1)
-        kn.ncl_terms_bwd(torch.ones(B, 3), feat, a_pos, a_neg, counts, perm, out[1:], p, (h // p, h // p), 0.1)
+        _, saved = kn.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, h // p), 0.1)
+        kn.ncl_terms_bwd(torch.ones(B, 3), feat, a_pos, a_neg, counts, perm, saved, p, (h // p, h // p), 0.1)
     return rec.launches
 
 
@@ -378,7 +378,7 @@ def main() -> None:
 
     for dname, esize in (("bf16", 2), ("fp32", 4)):
         for c in ((93, 877, 54), (300, 650, 74)):
-            stored_all = 4 * c[0] * work_model.ws_ld(c[0], c[1]) <= int(kn.SIM_BUDGET * 4 * 64 * 256 * 256 * esize) // 4
+            stored_all = c[0] * work_model.ws_ld(c[0], c[1]) <= kn.workspace_slot(1024)
             print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
                   f"[|P|, |N|, |K|] = {list(c)} per image"
                   + ("" if stored_all else " (every block assumed stored; the default workspace holds fewer)"))

@@ -40,14 +40,15 @@ Two paths, chosen per image on the device (no host synchronization):
   backward recomputes each similarity tile per chunk of D (D / BLOCK_D times).
   It runs the images whose blocks do not fit in the workspace.
 
-The workspace is `SIM_BUDGET` (default 0.075, env `NCL_FAST_SIM_BUDGET`) times
-the feature map's bytes (with the op's other buffers, under 10 % of the map),
-allocated whatever the masks (its size must be known without reading the
-counts). Images are placed first-fit in batch order; an image whose block does
-not fit after the stored ones takes the bounded path.
-At the paper's stage 1 and 2 (L = 1024, D = 4096) a block is at most 25 % of
-one image's fp32 map (L^2 fp32 vs C h w values), about 2 % at 15 % tampered
-area; `SIM_BUDGET = 0` forces the bounded path for every image.
+The workspace holds one slot per image of min(L x ld(L), SIM_BUDGET) fp32 values
+(ld(L): L rounded up to WS_ALIGN; `SIM_BUDGET` in MiB per image, default 64, env
+`NCL_FAST_SIM_BUDGET`): what the largest block S of an image of L patches can
+need, so every image is stored while L x ld(L) x 4 B fits the cap (L <= 4096 at the
+default: every stage of the paper and every ViT size, at any tampered area).
+Past the cap, an image is stored if its own block fits its slot, else it takes
+the bounded path. The size depends on B and L only (no host synchronization, and
+under `torch.compile` no guard on the shapes); `SIM_BUDGET = 0` forces the bounded
+path for every image.
 
 Precision. Similarities: bf16/fp16 features go to the tensor cores as they are
 (products exact in the fp32 accumulator); fp32 features use
@@ -73,12 +74,13 @@ counts each launch's work; the GPU parity and timing run is `bench/gpu_check.sh`
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .patch_labels import _device_guard
+from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -136,7 +138,9 @@ WS_ALIGN: tl.constexpr = tl.constexpr(4)
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 FP32_DOT_PRECISION = os.environ.get("NCL_FAST_FP32_DOT_PRECISION", "tf32x3")
-SIM_BUDGET = float(os.environ.get("NCL_FAST_SIM_BUDGET", "0.075"))
+#: MiB of similarity workspace per image, at most (see the module docstring): 64 MiB holds
+#: the block of any image of up to 4096 patches.
+SIM_BUDGET = float(os.environ.get("NCL_FAST_SIM_BUDGET", "64"))
 EPS = 1e-12  # the F.normalize clamp of SPEC section 3
 
 
@@ -156,6 +160,16 @@ def _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST: tl.constex
         i = (k // P_) % P_
         j = k % P_
     return ch * stride_c + i * stride_y + j * stride_x, ch * P_ * P_ + i * P_ + j
+
+
+@triton.jit
+def _wide(stride, IDX64: tl.constexpr):
+    """The stride as int64 where an image's offsets can pass 2^31 (IDX64), so that every
+    offset formed from it is int64; else as it is (int32 arithmetic, 1 kept constant)."""
+    if IDX64:
+        return stride + tl.zeros([], dtype=tl.int64)
+    else:
+        return stride
 
 
 @triton.jit
@@ -222,36 +236,43 @@ def _ncl_stats_fwd_kernel(
     perm_ptr, counts_ptr,  # (B, L) int32, (B, 3) int32
     nrm_ptr,  # (B, L) fp32 out: |f_x| by list position
     sa_ptr,  # (B, 2, L) fp32 out: s(a+, x), s(a-, x) by list position
+    lse_ptr, w_ptr,  # (B, L) fp32 out: 0 at the positions the t1 kernels leave (not tampered rows of t1)
     nrma_ptr,  # (B, 2) fp32 out: |a+|, |a-|
-    plan_ptr,  # (B, 2) int64 out: workspace offset of the image's block, 1 if stored
+    plan_ptr,  # (B, 2) int64 out: workspace offset of the image's block (its slot), 1 if stored
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_: tl.constexpr, D, inv_tau, eps, budget,
-    BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
+    slot,  # fp32 values of workspace per image
+    BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    n_used = tl.load(counts_ptr + b * 3) + tl.load(counts_ptr + b * 3 + 1)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_used = n_p + n_n
     x0 = pid * BLOCK_X
-    if (pid > 0) & (x0 >= n_used):  # program 0 always runs: anchor norms and the plan
-        return
-    if pid == 0:
-        # first fit in batch order: each image whose block fits after the stored
-        # blocks of the images before it is stored there
-        off = tl.zeros([], dtype=tl.int64)
-        stored = tl.zeros([], dtype=tl.int64)
-        for bb in range(0, b + 1):
-            n_p = tl.load(counts_ptr + bb * 3).to(tl.int64)
-            n_n = tl.load(counts_ptr + bb * 3 + 1).to(tl.int64)
-            size = tl.where((n_p >= 2) & (n_n >= 1), n_p * _ws_ld(n_p + n_n), 0)
-            fits = off + size <= budget
-            if bb == b:
-                stored = fits.to(tl.int64)
-            else:
-                off = tl.where(fits, off + size, off)
-        tl.store(plan_ptr + b * 2, off)
-        tl.store(plan_ptr + b * 2 + 1, stored)
     pos = x0 + tl.arange(0, BLOCK_X)
+    in_list = pos < L
+    # Every entry of the (B, L) outputs is written, those past the image's lists as 0 (and
+    # lam, W wherever the t1 kernels do not write them): the op's outputs are defined
+    # values, which torch.compile's checks compare, and nothing reads unwritten memory.
+    not_t1_row = (pos >= n_p) | (n_p < 2) | (n_n < 1)
+    tl.store(lse_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
+    tl.store(w_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
+    if pid == 0:
+        # one slot per image: stored when the block fits the slot (always, below the cap)
+        size = tl.where((n_p >= 2) & (n_n >= 1), n_p.to(tl.int64) * _ws_ld(n_used), 0)
+        tl.store(plan_ptr + b * 2, b * slot)
+        tl.store(plan_ptr + b * 2 + 1, (size <= slot).to(tl.int64))
+    elif x0 >= n_used:  # no listed patch here (program 0 always runs: the anchors' norms)
+        zero = tl.zeros([BLOCK_X], dtype=tl.float32)
+        tl.store(nrm_ptr + b * L + pos, zero, mask=in_list)
+        tl.store(sa_ptr + b * 2 * L + pos, zero, mask=in_list)
+        tl.store(sa_ptr + b * 2 * L + L + pos, zero, mask=in_list)
+        return
     pmask = pos < n_used
     feat_b = feat_ptr + b * stride_fb
     poff = _patch_offsets(perm_ptr + b * L, pos, pmask, Q, P_, stride_fy, stride_fx)
@@ -277,9 +298,10 @@ def _ncl_stats_fwd_kernel(
     nrm_p = tl.sqrt(tl.sum(ap2, axis=0))
     nrm_n = tl.sqrt(tl.sum(an2, axis=0))
     rn = 1.0 / tl.maximum(nrm, eps)
-    tl.store(nrm_ptr + b * L + pos, nrm, mask=pmask)
-    tl.store(sa_ptr + b * 2 * L + pos, dp * rn * (inv_tau / tl.maximum(nrm_p, eps)), mask=pmask)
-    tl.store(sa_ptr + b * 2 * L + L + pos, dn * rn * (inv_tau / tl.maximum(nrm_n, eps)), mask=pmask)
+    # past the lists the loads gave 0: these stores write zeros there
+    tl.store(nrm_ptr + b * L + pos, nrm, mask=in_list)
+    tl.store(sa_ptr + b * 2 * L + pos, dp * rn * (inv_tau / tl.maximum(nrm_p, eps)), mask=in_list)
+    tl.store(sa_ptr + b * 2 * L + L + pos, dn * rn * (inv_tau / tl.maximum(nrm_n, eps)), mask=in_list)
     if pid == 0:
         tl.store(nrma_ptr + b * 2, nrm_p)
         tl.store(nrma_ptr + b * 2 + 1, nrm_n)
@@ -295,10 +317,12 @@ def _ncl_sim_kernel(
     stride_fb, stride_fc, stride_fy, stride_fx,
     L, Q, C, P_: tl.constexpr, D, n_tn, inv_tau, eps,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
     tm = pid // n_tn
     tn = pid % n_tn
     n_p = tl.load(counts_ptr + b * 3)
@@ -321,11 +345,11 @@ def _ncl_sim_kernel(
     rn_n = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cmask, other=1.0), eps)
     s = _sim_tile(feat_b, poff_m, rmask, rn_m, poff_n, cmask, rn_n, C, P_, D, stride_fc, stride_fy,
                   stride_fx, inv_tau, BM, BN, BK, CHANNELS_LAST, UPCAST, PRECISION)
-    # rows of ld values; the padding columns [|P| + |N|, ld) are never written (nor read
-    # as values)
+    # rows of ld values; the padding columns [|P| + |N|, ld) are written too (zeros: the
+    # masked columns' products), since the backward loads them in its 128-bit vectors
     ld = _ws_ld(n_used)
     tl.store(_ws_block(ws_ptr, plan_ptr, b) + rows[:, None].to(tl.int64) * ld + cols[None, :], s,
-             mask=rmask[:, None] & cmask[None, :])
+             mask=rmask[:, None] & (cols < ld)[None, :])
 
 
 @triton.jit
@@ -350,13 +374,15 @@ def _ncl_rows_kernel(
     rmask = rows < n_p
     row_ptr = _ws_block(ws_ptr, plan_ptr, b) + rows.to(tl.int64) * _ws_ld(n_used)
     # 1. lam_m: online, max-shifted log-sum-exp over the authentic columns; every
-    #    step holds a column, so the running max of a valid row is finite
+    #    step holds a column (rows past |P| read 0 there), so the running max of every
+    #    row is finite and no lane forms -inf - -inf
     run_max = tl.full([BM], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BM], dtype=tl.float32)
     for c0 in range(n_p, n_used, BC):
         cols = c0 + tl.arange(0, BC)
-        m = rmask[:, None] & (cols < n_used)[None, :]
-        s = tl.load(row_ptr[:, None] + cols[None, :], mask=m, other=float("-inf"))
+        cmask = cols < n_used
+        s = tl.load(row_ptr[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        s = tl.where(cmask[None, :], s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         run_max = new_max
@@ -425,8 +451,10 @@ def _row_setup(
     k2 = tl.load(gout_ptr + b * 3 + 1) / tl.maximum(n_pf, 1.0)
     k3 = tl.load(gout_ptr + b * 3 + 2) / tl.maximum(n_n.to(tl.float32), 1.0)
     nrm_x = tl.load(nrm_ptr + b * L + rows, mask=xmask, other=1.0)
-    lse_x = tl.load(lse_ptr + b * L + rows, mask=xmask & x_is_p, other=0.0)
-    w_x = tl.load(w_ptr + b * L + rows, mask=xmask & x_is_p, other=0.0)
+    # lam and W exist only where t1 does (never read where they were not written)
+    t1_ok = (n_p >= 2) & (n_n >= 1)
+    lse_x = tl.load(lse_ptr + b * L + rows, mask=xmask & x_is_p & t1_ok, other=0.0)
+    w_x = tl.load(w_ptr + b * L + rows, mask=xmask & x_is_p & t1_ok, other=0.0)
     s_pos = tl.load(sa_ptr + b * 2 * L + rows, mask=xmask, other=0.0)
     s_neg = tl.load(sa_ptr + b * 2 * L + L + rows, mask=xmask, other=0.0)
     c_pos = _anchor_coef(x_is_p, s_pos, tl.load(lsea_ptr + b * 2), tl.load(wa_ptr + b * 2), k2, True)
@@ -465,10 +493,14 @@ def _ncl_grad_kernel(
     stride_ab, stride_ad, stride_nb, stride_nd,
     L, Q, C, P_: tl.constexpr, D, n_tx, inv_tau, eps,
     BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
     if tl.load(plan_ptr + b * 2 + 1) == 0:  # the bounded kernel does this image
         return
     td = pid // n_tx
@@ -567,10 +599,12 @@ def _ncl_pair_fwd_kernel(
     stride_fb, stride_fc, stride_fy, stride_fx,
     L, Q, C, P_: tl.constexpr, D, n_blocks, inv_tau, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     m0 = pid * BLOCK_M
@@ -693,9 +727,14 @@ def _ncl_pair_bwd_kernel(
     L, Q, C, P_: tl.constexpr, D, n_tx, inv_tau, eps,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, COEF_PRECISION: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
     if tl.load(plan_ptr + b * 2 + 1) != 0:  # the stored path does this image
         return
     pid_d = pid // n_tx
@@ -778,12 +817,14 @@ def _ncl_anchor_bwd_kernel(
     perm_ptr, counts_ptr, nrm_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr,
     stride_fb, stride_fc, stride_fy, stride_fx,
     L, Q, C, P_: tl.constexpr, D, n_td, rows_per_split, eps,
-    RS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    RS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Both anchors' gradients, first half: one chunk of D and one split of the patch
     list per program (every feature read once for both anchors)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
     pid_d = pid % n_td
     rs = pid // n_td
     n_p = tl.load(counts_ptr + b * 3)
@@ -838,12 +879,14 @@ def _ncl_anchor_grad_kernel(
     gpos_ptr, gneg_ptr,  # (B, D) contiguous out: gradients of a+, a-
     stride_ab, stride_ad, stride_nb, stride_nd,
     D, inv_tau, eps,
-    RS: tl.constexpr, BLOCK: tl.constexpr,
+    RS: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Both anchors' gradients, second half: the splits' sums in a fixed order, then
     through each anchor's normalization."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
     kd = pid * BLOCK + tl.arange(0, BLOCK)
     kdmask = kd < D
     acc_p = tl.zeros([BLOCK], dtype=tl.float32)
@@ -896,18 +939,56 @@ def fp32_precision() -> str:
     return FP32_DOT_PRECISION
 
 
-def workspace_elems(feat: torch.Tensor) -> int:
-    """fp32 values of the similarity workspace: `SIM_BUDGET` x the feature map's bytes."""
+class NCLSaved(NamedTuple):
+    """What the forward keeps for the backward, by name (the op's outputs after terms,
+    counts and perm, in this order). `empty` allocates it for the forward launcher and
+    for the op's fake alike, so that both agree on every shape and stride."""
+
+    nrm: torch.Tensor  # (B, L) fp32: |f_x| by list position
+    nrma: torch.Tensor  # (B, 2) fp32: |a+|, |a-|
+    sa: torch.Tensor  # (B, 2, L) fp32: s(a+, x), s(a-, x) by list position
+    lse: torch.Tensor  # (B, L) fp32: lam_m of the tampered rows (where t1 is defined)
+    w: torch.Tensor  # (B, L) fp32: W_m, likewise
+    lsea: torch.Tensor  # (B, 2) fp32: lam+, lam-
+    wa: torch.Tensor  # (B, 2) fp32: W+, W-
+    plan: torch.Tensor  # (B, 2) int64: the image's slot offset in ws, 1 if its block is stored
+    ws: torch.Tensor  # (B x slot,) fp32: the similarity workspace (at least one value)
+
+    @staticmethod
+    def empty(B, L, slot, device: torch.device) -> "NCLSaved":
+        """`slot`: fp32 values of workspace per image (`workspace_slot(L)`)."""
+        f32 = dict(dtype=torch.float32, device=device)
+        return NCLSaved(
+            nrm=torch.empty(B, L, **f32),
+            nrma=torch.empty(B, 2, **f32),
+            sa=torch.empty(B, 2, L, **f32),
+            lse=torch.empty(B, L, **f32),
+            w=torch.empty(B, L, **f32),
+            lsea=torch.empty(B, 2, **f32),
+            wa=torch.empty(B, 2, **f32),
+            plan=torch.empty(B, 2, dtype=torch.int64, device=device),
+            # zeros: the blocks fill only part of each slot, and an output of the op must
+            # hold defined values (one memset, B x slot x 4 bytes: 16.8 MB at stage 1)
+            ws=torch.zeros(torch.sym_max(B * slot, 1), **f32),
+        )
+
+
+def workspace_slot(L):
+    """fp32 values of workspace per image: the largest block S an image of L patches can
+    have (L rows of ld(L)), capped at `SIM_BUDGET` MiB (a multiple of WS_ALIGN values, so
+    that every slot starts 16-byte aligned). `torch.sym_min`: a symbolic L (torch.compile,
+    dynamic shapes) gets no guard."""
     if not SIM_BUDGET >= 0:
-        raise ValueError(f"NCL_FAST_SIM_BUDGET (a fraction of the feature map's bytes) must be >= 0; got {SIM_BUDGET}")
-    return int(SIM_BUDGET * feat.numel() * feat.element_size()) // 4
+        raise ValueError(f"NCL_FAST_SIM_BUDGET (MiB of workspace per image) must be >= 0; got {SIM_BUDGET}")
+    align = WS_ALIGN.value
+    cap = int(SIM_BUDGET * 2**20) // (4 * align) * align
+    return torch.sym_min(L * ((L + align - 1) // align * align), cap)
 
 
 def _grid_check(n: int, what: str) -> int:
     if n > 2**31 - 1:
         raise ValueError(f"ncl_terms (Triton): {what} needs {n} programs on one grid axis, above 2^31 - 1")
     return n
-
 
 
 def ncl_terms_fwd(
@@ -919,10 +1000,10 @@ def ncl_terms_fwd(
     patch: int,
     grid_rq: tuple[int, int],
     tau: float,
-):
-    """Per-image `[t1, t2, t3]` (B, 3) fp32 and what the backward needs:
-    `(terms, nrm, nrma, sa, lse, w, lsea, wa, plan, ws)`: vectors linear in L, the
-    plan (B, 2) int64 and the similarity workspace."""
+    slot: int | None = None,
+) -> tuple[torch.Tensor, NCLSaved]:
+    """Per-image `[t1, t2, t3]` (B, 3) fp32 and what the backward needs (`NCLSaved`);
+    `slot`: fp32 values of workspace per image (default `workspace_slot(L)`)."""
     B, C = feat.shape[:2]
     R, Q = grid_rq
     L = R * Q
@@ -932,22 +1013,14 @@ def ncl_terms_fwd(
     dev = feat.device
     f32 = dict(dtype=torch.float32, device=dev)
     precision = fp32_precision()
-    # No zero fills: each kernel writes what the next one reads (entries past an
-    # image's counts, and lam/W of images without t1, are never read).
-    nrm = torch.empty(B, L, **f32)
-    nrma = torch.empty(B, 2, **f32)
-    sa = torch.empty(B, 2, L, **f32)
-    lse = torch.empty(B, L, **f32)
-    w = torch.empty(B, L, **f32)
-    lsea = torch.empty(B, 2, **f32)
-    wa = torch.empty(B, 2, **f32)
+    # Each kernel writes every entry of its outputs (see _ncl_stats_fwd_kernel); only the
+    # workspace is zero-filled.
+    slot = workspace_slot(L) if slot is None else slot
+    saved = NCLSaved.empty(B, L, slot, dev)
     terms = torch.empty(B, 3, **f32)
-    plan = torch.empty(B, 2, dtype=torch.int64, device=dev)
-    budget = workspace_elems(feat)
     n_tm, n_tn = triton.cdiv(L, SIM_BM), triton.cdiv(L, SIM_BN)
     if n_tm * n_tn > 2**31 - 1:  # the stored path's grid would not fit: bounded path for every image
-        budget = 0
-    ws = torch.empty(max(budget, 1), **f32)
+        slot = 0
     n_blocks_b = triton.cdiv(L, BLOCK_M)
     n_blocks_s = triton.cdiv(L, ROWS_BM)
     part_b = torch.empty(B, n_blocks_b, **f32)
@@ -955,31 +1028,33 @@ def ncl_terms_fwd(
     fs = (feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3))
     cl = _layout(feat)
     up = _upcast(feat)
+    wide = needs_64bit_offsets(feat, anchor_pos, anchor_neg)
     inv_tau = 1.0 / tau
+    nrm, nrma, sa, lse, w, lsea, wa, plan, ws = saved
     with _device_guard(feat):
         _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
-            feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, nrma, plan,
+            feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, lse, w, nrma, plan,
             *fs, anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1),
-            L, Q, C, patch, D, inv_tau, EPS, budget,
-            BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+            L, Q, C, patch, D, inv_tau, EPS, slot,
+            BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, CHANNELS_LAST=cl, IDX64=wide, num_warps=NUM_WARPS,
         )
-        _ncl_sim_kernel[(n_tm * n_tn if budget > 0 else 1, B)](
+        _ncl_sim_kernel[(n_tm * n_tn if slot > 0 else 1, B)](
             feat, perm, counts, nrm, plan, ws,
             *fs, L, Q, C, patch, D, n_tn, inv_tau, EPS,
             BM=SIM_BM, BN=SIM_BN, BK=SIM_BK_F32 if up else SIM_BK_HALF, CHANNELS_LAST=cl,
-            UPCAST=up, PRECISION=precision, num_warps=SIM_WARPS, num_stages=SIM_STAGES,
+            UPCAST=up, PRECISION=precision, IDX64=wide, num_warps=SIM_WARPS, num_stages=SIM_STAGES,
         )
         _ncl_rows_kernel[(n_blocks_s, B)](ws, plan, counts, lse, w, part_s, L, n_blocks_s, BM=ROWS_BM, BC=ROWS_BC)
         _ncl_pair_fwd_kernel[(n_blocks_b, B)](
             feat, perm, counts, nrm, plan, lse, w, part_b,
             *fs, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, CHANNELS_LAST=cl,
-            UPCAST=up, PRECISION=precision, num_warps=NUM_WARPS,
+            UPCAST=up, PRECISION=precision, IDX64=wide, num_warps=NUM_WARPS,
         )
         # one program per (image, anchor) walks at most L similarities in blocks of 256
         _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, terms, lsea, wa, part_s, part_b, L, n_blocks_s, n_blocks_b,
                                        BLOCK=256)
-    return terms, nrm, nrma, sa, lse, w, lsea, wa, plan, ws
+    return terms, saved
 
 
 def ncl_terms_bwd(
@@ -989,13 +1064,13 @@ def ncl_terms_bwd(
     anchor_neg: torch.Tensor,
     counts: torch.Tensor,
     perm: torch.Tensor,
-    saved: tuple[torch.Tensor, ...],
+    saved: NCLSaved,
     patch: int,
     grid_rq: tuple[int, int],
     tau: float,
 ):
-    """Gradients `(d feat, d anchor_pos, d anchor_neg)`;
-    `saved = (nrm, nrma, sa, lse, w, lsea, wa, plan, ws)`."""
+    """Gradients `(d feat, d anchor_pos, d anchor_neg)` from what the forward saved.
+    `d feat` has `empty_like(feat)`'s strides, the anchors' gradients are contiguous."""
     nrm, nrma, sa, lse, w, lsea, wa, plan, ws = saved
     B, C = feat.shape[:2]
     R, Q = grid_rq
@@ -1016,6 +1091,7 @@ def ncl_terms_bwd(
     as_ = (anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1))
     cl = _layout(feat)
     up = _upcast(feat)
+    wide = needs_64bit_offsets(feat, grad_feat, anchor_pos, anchor_neg)
     precision = fp32_precision()
     inv_tau = 1.0 / tau
     common = (perm, counts, nrm, nrma, sa, lse, w, lsea, wa, gout, plan)
@@ -1025,7 +1101,7 @@ def ncl_terms_bwd(
             feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
             BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
-            PRECISION=precision if up else "tf32", num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
+            PRECISION=precision if up else "tf32", IDX64=wide, num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
             num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
         )
         bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
@@ -1034,7 +1110,8 @@ def ncl_terms_bwd(
             feat, grad_feat, anchor_pos, anchor_neg, *common,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
             BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, BLOCK_D=bd, CHANNELS_LAST=cl,
-            UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", num_warps=NUM_WARPS_BWD,
+            UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", IDX64=wide,
+            num_warps=NUM_WARPS_BWD,
             num_stages=2 if up else 3,
         )
         n_td = triton.cdiv(D, BLOCK_D)
@@ -1044,10 +1121,10 @@ def ncl_terms_bwd(
         _ncl_anchor_bwd_kernel[(_grid_check(n_td * ANCHOR_SPLITS, "the anchors' backward"), B)](
             feat, part, dots, perm, counts, nrm, sa, lsea, wa, gout,
             *fs, L, Q, C, patch, D, n_td, rows_per_split, EPS,
-            RS=ANCHOR_SPLITS, BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, num_warps=NUM_WARPS,
+            RS=ANCHOR_SPLITS, BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, IDX64=wide, num_warps=NUM_WARPS,
         )
         _ncl_anchor_grad_kernel[(triton.cdiv(D, 1024), B)](
             part, dots, anchor_pos, anchor_neg, nrma, grad_pos, grad_neg,
-            *as_, D, inv_tau, EPS, RS=ANCHOR_SPLITS, BLOCK=1024, num_warps=NUM_WARPS,
+            *as_, D, inv_tau, EPS, RS=ANCHOR_SPLITS, BLOCK=1024, IDX64=wide, num_warps=NUM_WARPS,
         )
     return grad_feat, grad_pos, grad_neg

@@ -12,6 +12,14 @@ from conftest import require_backend
 from helpers import random_mask
 from ncl_fast import NCLLoss
 
+# NaN or inf formed in any lane, masked ones included, is an error (the interpreter
+# computes masked lanes too: numpy's warning is how they show)
+pytestmark = pytest.mark.filterwarnings(
+    "error:invalid value encountered:RuntimeWarning",
+    "error:overflow encountered:RuntimeWarning",
+    "error:divide by zero encountered:RuntimeWarning",
+)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
