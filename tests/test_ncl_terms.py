@@ -521,18 +521,21 @@ def test_64bit_offset_kernels_match(path, gen, monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("path", ["stored", "bounded"])
-def test_several_row_tiles_and_chunks_of_d(path, gen, monkeypatch):
+def test_several_row_tiles_and_chunks_of_d(path, dtype, gen, monkeypatch):
     # L = 289 > 256 patches, |P| and |N| above 64 (several row tiles in every kernel: 64 in
     # the similarity GEMM and the stored backward, 32 in the bounded kernels), D = 68 (two
-    # 64-wide chunks of D); a small D keeps the interpreter fast. An index taken within a
-    # tile instead of the whole list (e.g. the diagonal j != m) shows here.
+    # 64-wide chunks of D and of K, for fp32 and for the half path's tensor-core dots); a
+    # small D keeps the interpreter fast. An index taken within a tile instead of the whole
+    # list (e.g. the diagonal j != m), or a K loop that drops its accumulator, shows here.
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_terms as k
 
     monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS[path])
+    assert k._upcast(torch.empty(0, dtype=dtype)) == (dtype == torch.float32)  # fp16: the half path
     shape = (2, 17, 34, 34, 2)
-    feat, _, a_pos, a_neg = make_case(shape, "blobs", gen)
+    feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=dtype)
     n_p = [int(x) for x in torch.randint(70, 140, (2,), generator=gen)]
     labels = torch.stack([
         torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]
@@ -541,8 +544,8 @@ def test_several_row_tiles_and_chunks_of_d(path, gen, monkeypatch):
     tau = float(torch.empty(()).uniform_(0.07, 0.2, generator=gen))
     grad_out = torch.rand(2, 3, generator=gen) + 0.5
     got, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, tau, grad_out)
-    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2, tau), *SAME_VALUES[torch.float32])
+    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2, tau), *SAME_VALUES[dtype])
     _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, tau, grad_out)
-    check_grads(grads, want, torch.float32)
+    check_grads(grads, want, dtype)
     _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
     assert plan[:, 1].tolist() == ([1, 1] if path == "stored" else [0, 0])
