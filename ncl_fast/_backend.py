@@ -7,14 +7,14 @@
 * `triton` / `cuda` are the fused backends. Each lives in its own module
   (`ncl_fast._triton_ops`, `ncl_fast._cuda_ops`) that exposes `OPS`, a dict
   op name -> function, and `supports(device) -> str | None` (None when it can
-  run on that device, else the reason it cannot).
+  run on that device, else the reason it cannot). A backend whose module is
+  absent or fails to import is unavailable, with that error as the reason.
 * Every function of `OPS` (and of the reference here) takes arguments that
   `ncl_fast.functional` has already checked, and checks nothing again:
   `patch_labels(mask, grid, tol)`, `ncl_terms(feat, labels, anchor_pos,
   anchor_neg, grid, tau)` with `grid` the `_checks.PatchGrid` the checks
   returned, `pc_bce(logits, mask, mu, radius)`, `pc_loss(logits_list, mask, mu,
-  radius)`. A backend whose module is
-  absent or fails to import is unavailable, with that error as the reason.
+  radius)`.
 * An explicit request that cannot be met raises `BackendUnavailableError`
   with the reason. `auto` tries the preferred fused backend of the op and
   falls back to the reference, warning once per (op, reason); a command line

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+
 import torch
 
 from ._ext_sources import extension_config
