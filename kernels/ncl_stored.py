@@ -46,6 +46,10 @@ GRAD_STAGES = 2
 GRAD_MAXNREG = 128
 GRAD_WARPS_F32 = 4
 GRAD_STAGES_F32 = 1
+# fp32: 8 partners per step (tf32's native k): 168 registers on sm_80 instead of 249-255
+# (3 blocks per SM instead of 2; no spill at p = 1, where 16 spilled 4 B at 255), the
+# tiles of S still two 128-bit loads per row (bench/KERNEL_REPORT.md).
+GRAD_BY_F32 = 8
 
 
 @triton.jit

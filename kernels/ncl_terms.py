@@ -47,9 +47,9 @@ from .ncl_anchors import (ANCHOR_SPLITS, STATS_BK, STATS_BX, _ncl_anchor_bwd_ker
 from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_M, BLOCK_N,
                           NUM_WARPS_BWD, _ncl_pair_bwd_kernel, _ncl_pair_fwd_kernel)
 from .ncl_common import EPS, NUM_WARPS, WS_ALIGN
-from .ncl_stored import (GRAD_BD, GRAD_BX, GRAD_BY, GRAD_MAXNREG, GRAD_STAGES, GRAD_STAGES_F32, GRAD_WARPS,
-                         GRAD_WARPS_F32, ROWS_BC, ROWS_BM, SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BN, SIM_STAGES,
-                         SIM_WARPS, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel)
+from .ncl_stored import (GRAD_BD, GRAD_BX, GRAD_BY, GRAD_BY_F32, GRAD_MAXNREG, GRAD_STAGES, GRAD_STAGES_F32,
+                         GRAD_WARPS, GRAD_WARPS_F32, ROWS_BC, ROWS_BM, SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BN,
+                         SIM_STAGES, SIM_WARPS, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
@@ -245,7 +245,7 @@ def ncl_terms_bwd(
         _ncl_grad_kernel[(_grid_check(n_tx * n_td, "the backward"), B)](
             feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
             *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
-            BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
+            BX=GRAD_BX, BY=GRAD_BY_F32 if up else GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
             PRECISION=precision if up else "tf32", IDX64=wide, num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
             num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
         )
