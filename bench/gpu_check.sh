@@ -59,8 +59,15 @@ if want parity || want ncl; then
   stamp "warm end"
 fi
 run_part parity 150 $py -m pytest -q -p no:cacheprovider tests/ops/test_gpu_parity.py
-run_part sanitize 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  $py bench/sanitize_check.py
+# every kernel under compute-sanitizer's three tools: out-of-bounds accesses, reads of
+# memory never written, shared-memory races (one part and output file each)
+if want sanitize; then
+  for tool in memcheck initcheck racecheck; do
+    parts="$parts sanitize_$tool"  # run_part runs the named parts only
+    run_part "sanitize_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+      --error-exitcode 9 $py bench/sanitize_check.py
+  done
+fi
 run_part ncl 200 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}
 run_part pc 90 $py bench/bench_pc_loss.py ${PC_BENCH_ARGS:-}
 # the training step eager (fp32 and bf16), then compiled and with CUDA graphs (bf16), the profiler's top kernels of each

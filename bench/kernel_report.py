@@ -215,14 +215,28 @@ def ptx_loads_by_line(ptx: str, source: str) -> list[tuple[int, str, int]]:
 
 # ---- the launches of a training step -----------------------------------------------------
 
-STAGES = {"stage 1": (64, 256, 8), "stage 2": (256, 128, 4)}
+# (C, h, p) of the feature map at 512 x 512 px: the paper's stages 1 and 2 (p = 8 and 4),
+# and a ViT-B token map (p = 1: one token per patch, D = C)
+STAGES = {"stage 1": (64, 256, 8), "stage 2": (256, 128, 4), "vit-b": (768, 32, 1)}
+#: Input dtypes, with the fp32 dot precision where it is not the default (`dtype:precision`,
+#: e.g. float32:ieee, which --dtypes takes).
+DTYPES = ("float32", "bfloat16", "float16")
+#: The variants the report covers unless told otherwise (vit-b and float32:ieee on request).
+DEFAULT_STAGES = ("stage 1", "stage 2")
 
 
-def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4) -> list:
-    """Every Triton launch of one NCL forward + backward at the paper's shapes."""
+def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4, precision: str = "") -> list:
+    """Every Triton launch of one NCL forward + backward at the paper's shapes (fp32 dots at
+    `precision`, default `NCL_FAST_FP32_DOT_PRECISION`)."""
     from ncl_fast.kernels import ncl_terms as kn
     from ncl_fast.kernels import patch_labels as kl
 
+    if precision:
+        default, kn.FP32_DOT_PRECISION = kn.FP32_DOT_PRECISION, precision
+        try:
+            return record_ncl_launches(stage, dtype, layout, B)
+        finally:
+            kn.FP32_DOT_PRECISION = default
     C, h, p = STAGES[stage]
     L = (h // p) ** 2
     D = C * p * p
@@ -239,22 +253,24 @@ def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4)
     with rec.active():
         kl.patch_labels_fwd(mask, (p * 512 // h, p * 512 // h), (h // p, h // p), 0.0)
         kl.patch_lists_fwd(labels)
-        out = kn.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, h // p), 0.1)
-        kn.ncl_terms_bwd(torch.ones(B, 3), feat, a_pos, a_neg, counts, perm, out[1:], p, (h // p, h // p), 0.1)
+        _, saved = kn.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, h // p), 0.1)
+        kn.ncl_terms_bwd(torch.ones(B, 3), feat, a_pos, a_neg, counts, perm, saved, p, (h // p, h // p), 0.1)
     return rec.launches
 
 
-def triton_rows(archs: list[int], only: str = "", stages=tuple(STAGES),
-                dtypes=(torch.float32, torch.bfloat16, torch.float16), load_lines: str = "") -> tuple[list[list], list[str]]:
+def triton_rows(archs: list[int], only: str = "", stages=DEFAULT_STAGES, dtypes=DTYPES,
+                load_lines: str = "") -> tuple[list[list], list[str]]:
     rows, problems, seen = [], [], {}
     for stage in stages:
-        for dtype in dtypes:
+        for dname in dtypes:
+            dtype_name, _, precision = dname.partition(":")
+            dtype = getattr(torch, dtype_name)
             for layout in ("contiguous", "channels_last"):
-                for kernel, grid, args, kwargs in record_ncl_launches(stage, dtype, layout):
+                for kernel, grid, args, kwargs in record_ncl_launches(stage, dtype, layout, precision=precision):
                     if only and not any(name in kernel.__name__ for name in only.split(",")):
                         continue
                     for arch in archs:
-                        variant = f"{stage}, {str(dtype)[6:]}, {layout}"
+                        variant = f"{stage}, {dname}, {layout}"
                         try:
                             ck = compile_launch(kernel, args, kwargs, arch)
                         except Exception as err:  # report every failure, then fail
@@ -354,15 +370,14 @@ def main() -> None:
     ap.add_argument("--no-cuda-ext", action="store_true")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--kernels", default="", help="only kernels whose names contain one of these (comma-separated)")
-    ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"any of {', '.join(STAGES)}")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="float32[:ieee|tf32|tf32x3], bfloat16, float16")
     ap.add_argument("--load-lines", default="",
                     help="also print the global loads of the kernels whose names contain this, by source line")
     args = ap.parse_args()
     archs = [int(a) for a in args.arch.split(",")]
     print(f"Triton {triton.__version__}, torch {torch.__version__}; ptxas and cuobjdump from {TRITON_BIN}\n")
-    rows, problems = triton_rows(archs, args.kernels, args.stages.split(","),
-                                 [getattr(torch, d) for d in args.dtypes.split(",")], args.load_lines)
+    rows, problems = triton_rows(archs, args.kernels, args.stages.split(","), args.dtypes.split(","), args.load_lines)
     print(table(["kernel", "variant", "arch", "registers", "spill st/ld B", "stack B", "smem KiB", "warps x stages",
                  "blocks/SM", "matrix instructions", "global loads 128/64/32/16-bit, cp.async 16/8/4 B"], rows))
     ext_rows = []
@@ -378,7 +393,7 @@ def main() -> None:
 
     for dname, esize in (("bf16", 2), ("fp32", 4)):
         for c in ((93, 877, 54), (300, 650, 74)):
-            stored_all = 4 * c[0] * work_model.ws_ld(c[0], c[1]) <= int(kn.SIM_BUDGET * 4 * 64 * 256 * 256 * esize) // 4
+            stored_all = c[0] * work_model.ws_ld(c[0], c[1]) <= kn.workspace_slot(1024)
             print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
                   f"[|P|, |N|, |K|] = {list(c)} per image"
                   + ("" if stored_all else " (every block assumed stored; the default workspace holds fewer)"))

@@ -1,12 +1,19 @@
-"""Small launches of every GPU kernel, for `compute-sanitizer` (out-of-bounds and
-uninitialized accesses the interpreter cannot show). Run as
+"""Small launches of every GPU kernel, for `compute-sanitizer` (what the interpreter
+cannot show), under each of its three tools:
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python bench/sanitize_check.py
+    for tool in memcheck initcheck racecheck; do
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 \
+          python bench/sanitize_check.py
+    done
 
-(without the caching allocator every tensor is its own allocation, so an access
-past a tensor's end is outside any allocation and is reported). Prints one line
-per case; the sanitizer's report follows if anything is wrong.
+memcheck: out-of-bounds accesses (without the caching allocator every tensor is its
+own allocation, so an access past a tensor's end is outside any allocation);
+initcheck: reads of global memory never written (the kernels read no padding, no
+lam/W of an image without t1, and the workspace is zero-filled); racecheck:
+shared-memory races within a block. Every case runs both paths, every dtype and
+layout, odd sizes and images without t1 (|P| = 1). Prints one line per case; the
+sanitizer's report follows if anything is wrong. `bench/gpu_check.sh sanitize` runs
+the three.
 """
 from __future__ import annotations
 
@@ -27,6 +34,10 @@ def main() -> None:
         mask = ellipse_masks(B, h * s, w * s, B, device=dev)
         labels = functional.patch_labels(mask, (h, w), p, impl="triton")
         assert torch.equal(labels, functional.patch_labels(mask, (h, w), p, impl="reference"))
+        # image 0 with one tampered patch: no t1 (its lam and W are never written, nor read)
+        labels = labels.clone()
+        labels[0][labels[0] == 1] = 0
+        labels[0, 0] = 1
         D = C * p * p
         for dtype, layout, path in [(d, lay, "stored") for d in (torch.float32, torch.bfloat16, torch.float16)
                                     for lay in ("contiguous", "channels_last")] + [

@@ -80,6 +80,7 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
     n_td = cdiv(D, k.GRAD_BD)
     g_progs = B * cdiv(L, k.GRAD_BX) * n_td
     g_working, g_macs, g_bytes, g_dot = 0, 0, 0, 0
+    by = k.GRAD_BY_F32 if fp32 else k.GRAD_BY  # partners per step
     for (p, n, _), s, ok in zip(counts, stored, t1):
         if not s:
             continue
@@ -88,9 +89,9 @@ def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, sto
         if ok:
             g_dot += cdiv(p + n, k.GRAD_BX) * n_td
             a_rows = cdiv(p, k.GRAD_BX) * k.GRAD_BX  # part 1: tampered row tiles x (P + N)
-            a_cols = cdiv(p + n, k.GRAD_BY) * k.GRAD_BY
+            a_cols = cdiv(p + n, by) * by
             b_rows = cdiv(p + n, k.GRAD_BX) * k.GRAD_BX  # part 2: every used tile x P
-            b_cols = cdiv(p, k.GRAD_BY) * k.GRAD_BY
+            b_cols = cdiv(p, by) * by
             g_macs += n_td * k.GRAD_BD * (a_rows * a_cols + b_rows * b_cols)
             g_bytes += n_td * (4 * (a_rows * a_cols + b_rows * b_cols) + k.GRAD_BD * esize * (
                 cdiv(p, k.GRAD_BX) * a_cols + cdiv(p + n, k.GRAD_BX) * b_cols))

@@ -43,8 +43,12 @@ def _patch_labels_fwd_kernel(
     BLOCK_L: tl.constexpr,  # patches per program
     BLOCK_WX: tl.constexpr,  # window columns per load (power of two >= 16)
     IS_FLOAT: tl.constexpr,  # float mask: compare with 0.5 in its dtype (fp64 too); integer: > 0
+    IDX64: tl.constexpr,  # an image of the mask spans 2^31 elements or more: int64 offsets
 ):
     b = tl.program_id(1).to(tl.int64)
+    if IDX64:
+        stride_my = stride_my + tl.zeros([], dtype=tl.int64)
+        stride_mx = stride_mx + tl.zeros([], dtype=tl.int64)
     offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     valid = offs_l < L
     r = offs_l // Q
@@ -155,6 +159,7 @@ def patch_labels_fwd(mask: torch.Tensor, window: tuple[int, int], grid_rq: tuple
             BLOCK_L=_LABELS_BLOCK_L,
             BLOCK_WX=max(16, triton.next_power_of_2(min(wx, 64))),
             IS_FLOAT=mask.is_floating_point(),
+            IDX64=needs_64bit_offsets(mask),
         )
     return labels
 
@@ -168,6 +173,20 @@ def patch_lists_fwd(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with _device_guard(labels):
         _patch_lists_fwd_kernel[(B,)](labels, counts, perm, L, BLOCK=_LISTS_BLOCK)
     return counts, perm
+
+
+#: Offsets within one image (and within one anchor row) are int32 up to this span, int64
+#: past it (the kernels' `IDX64`).
+INT32_SPAN = 2**31 - 1
+
+
+def needs_64bit_offsets(*tensors: torch.Tensor) -> bool:
+    """True when some element of one image (dims 1.. of any of `tensors`) lies more than
+    INT32_SPAN elements from the image's first: e.g. a permuted (C, B, h, w) buffer, whose
+    channel stride spans the batch. The kernels then form their offsets in int64 (`IDX64`);
+    the image's own offset (b x batch stride) is always int64."""
+    span = max(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]) if n > 0) for t in tensors)
+    return span > INT32_SPAN
 
 
 def _device_guard(t: torch.Tensor):

@@ -9,6 +9,12 @@
   op name -> function, and `supports(device) -> str | None` (None when it can
   run on that device, else the reason it cannot). A backend whose module is
   absent or fails to import is unavailable, with that error as the reason.
+* Every function of `OPS` (and of the reference here) takes arguments that
+  `ncl_fast.functional` has already checked, and checks nothing again:
+  `patch_labels(mask, grid, tol)`, `ncl_terms(feat, labels, anchor_pos,
+  anchor_neg, grid, tau)` with `grid` the `_checks.PatchGrid` the checks
+  returned, `pc_bce(logits, mask, mu, radius)`, `pc_loss(logits_list, mask, mu,
+  radius)`.
 * An explicit request that cannot be met raises `BackendUnavailableError`
   with the reason. `auto` tries the preferred fused backend of the op and
   falls back to the reference, warning once per (op, reason); a command line
@@ -40,10 +46,10 @@ PREFERENCE = {
 }
 
 _REFERENCE_OPS: dict[str, Callable] = {
-    "patch_labels": reference.patch_labels,
-    "ncl_terms": reference.ncl_terms,
-    "pc_bce": reference.pc_bce,
-    "pc_loss": reference.pc_loss,
+    "patch_labels": reference.patches.patch_labels_unchecked,
+    "ncl_terms": reference.ncl.ncl_terms_unchecked,
+    "pc_bce": reference.pc.pc_bce_unchecked,
+    "pc_loss": reference.pc.pc_loss_unchecked,
 }
 
 _loaded: dict[str, ModuleType | str] = {}
@@ -68,6 +74,18 @@ def requested_impl(impl: str | None) -> str:
 
 def _load(backend: str) -> ModuleType | str:
     """The backend's module, or the reason it cannot be imported."""
+    _import(backend)
+    return _loaded[backend]
+
+
+@torch.compiler.assume_constant_result
+def _import(backend: str) -> bool:
+    """Import the backend's module once, recording it (or why it failed) in `_loaded`.
+
+    Under `torch.compile` this runs as plain Python while the call is traced (an
+    import cannot be traced); its result is a constant of the graph, so the first
+    fused call of a fresh interpreter compiles with `fullgraph=True`.
+    """
     if backend not in _loaded:
         try:
             _loaded[backend] = importlib.import_module(_MODULES[backend])
@@ -78,7 +96,7 @@ def _load(backend: str) -> ModuleType | str:
                 _loaded[backend] = f"importing it failed: {err}"
         except Exception as err:  # a broken build must not break `import ncl_fast`
             _loaded[backend] = f"importing it failed: {type(err).__name__}: {err}"
-    return _loaded[backend]
+    return True
 
 
 def unavailable_reason(backend: str, op: str, device: torch.device) -> str | None:

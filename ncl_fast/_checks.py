@@ -1,8 +1,13 @@
 """Input validation shared by every backend (SPEC.md sections 1, 2 and 6).
 
-Every public op checks its arguments here, once, before any backend runs, so
-that a user gets the same message whichever implementation was chosen. Each
-message says what is wrong and what to do about it.
+Every public op (`ncl_fast.functional`, `ncl_fast.reference`, `NCLLoss`) checks
+its arguments here, once, at its entry, before any backend runs, so that a user
+gets the same message whichever implementation was chosen; the backends and the
+kernels trust what they are given. Each message says what is wrong and what to do
+about it.
+
+Sizes are compared, never converted with `int()`, so that under
+`torch.compile(dynamic=True)` a check adds no guard that pins a shape.
 """
 from __future__ import annotations
 
@@ -75,11 +80,11 @@ def integer_stride(full: int, reduced: int, axis: str, what: str) -> int:
 
 def patch_grid(mask_hw: tuple[int, int], feature_hw: tuple[int, int], patch: int) -> PatchGrid:
     """Validate the feature stride and the patch size and return the grid."""
-    H, W = int(mask_hw[0]), int(mask_hw[1])
-    h, w = int(feature_hw[0]), int(feature_hw[1])
+    H, W = mask_hw[0], mask_hw[1]
+    h, w = feature_hw[0], feature_hw[1]
     sy = integer_stride(H, h, "rows", "feature map")
     sx = integer_stride(W, w, "columns", "feature map")
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+    if isinstance(patch, bool) or not isinstance(patch, (int, torch.SymInt)) or patch < 1:
         raise ValueError(
             f"patch must be a positive integer number of feature cells, got {patch!r}; "
             f"it is patch_px / stride (16 px / stride 2 = 8 at stage 1)"
@@ -175,16 +180,61 @@ def check_pc_args(mu: float, radius: int) -> None:
         raise ValueError(f"radius must be a non-negative integer (pixels), got {radius!r}")
 
 
+def check_tau(tau: float) -> None:
+    if not float(tau) > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+
+
+def check_patch_labels_args(mask: torch.Tensor, feature_size, patch: int, tol: float) -> PatchGrid:
+    """Validate the arguments of `patch_labels`; return the patch grid of the mask."""
+    check_mask(mask)
+    check_tol(tol)
+    if isinstance(feature_size, (int, torch.SymInt)):
+        feature_size = (feature_size, feature_size)
+    return patch_grid(mask.shape[-2:], tuple(feature_size), patch)
+
+
+def check_anchors(feat: torch.Tensor, patch: int, anchor_pos: torch.Tensor, anchor_neg: torch.Tensor) -> None:
+    B, C = feat.shape[:2]
+    D = C * patch * patch
+    check_anchor(anchor_pos, B, D, "anchor_pos")
+    check_anchor(anchor_neg, B, D, "anchor_neg")
+    check_same_device(feat=feat, anchor_pos=anchor_pos, anchor_neg=anchor_neg)
+
+
 def check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch: int, tau: float) -> PatchGrid:
     """Validate the arguments of `ncl_terms`; return the patch grid of the feature map."""
     check_feature_map(feat)
-    if not float(tau) > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    B, C = feat.shape[:2]
+    check_tau(tau)
     grid = patch_grid(feat.shape[-2:], feat.shape[-2:], patch)
-    D = C * patch * patch
-    check_labels(labels, B, grid.num_patches)
-    check_anchor(anchor_pos, B, D, "anchor_pos")
-    check_anchor(anchor_neg, B, D, "anchor_neg")
-    check_same_device(feat=feat, labels=labels, anchor_pos=anchor_pos, anchor_neg=anchor_neg)
+    check_labels(labels, feat.shape[0], grid.num_patches)
+    check_same_device(feat=feat, labels=labels)
+    check_anchors(feat, patch, anchor_pos, anchor_neg)
     return grid
+
+
+def check_ncl_loss_args(feat: torch.Tensor, mask: torch.Tensor, patch: int, tau: float, tol: float) -> PatchGrid:
+    """Validate the arguments of `ncl_loss` once the two maps have passed `check_feature_map`
+    and `check_mask`; return the patch grid (of the mask: its rows and columns are the
+    feature map's too)."""
+    check_same_batch(feat=feat, mask=mask)
+    check_same_device(feat=feat, mask=mask)
+    check_tau(tau)
+    check_tol(tol)
+    return patch_grid(mask.shape[-2:], feat.shape[-2:], patch)
+
+
+def check_pc_inputs(logits_list, mask: torch.Tensor, mu: float, radius: int) -> None:
+    """Validate the arguments of `pc_loss` (a list of predictions) or `pc_bce` (a list of one)."""
+    check_mask(mask)
+    check_pc_args(mu, radius)
+    if len(logits_list) == 0:
+        raise ValueError("pc_loss needs at least one prediction; pass the model's logits list")
+    B, H, W = mask.shape[0], mask.shape[2], mask.shape[3]
+    for z in logits_list:
+        # a training step passes here every step: the valid case in one expression, and
+        # check_logits (which raises, naming what is wrong) only when it fails
+        if not (isinstance(z, torch.Tensor) and z.dim() == 4 and z.shape[1] == 1 and z.is_floating_point()
+                and z.shape[0] == B and z.device == mask.device and z.shape[2] > 0 and z.shape[3] > 0
+                and H % z.shape[2] == 0 and W % z.shape[3] == 0):
+            check_logits(z, mask)

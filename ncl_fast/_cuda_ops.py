@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
 
 import torch
 
-from . import _checks
 from ._ext_sources import extension_config
 
 #: Mask dtypes the kernels read directly; others are binarized to bool first.
@@ -81,55 +79,17 @@ def supports(device: torch.device) -> str | None:
     return f"the extension has no kernel for {device.type} tensors"
 
 
-#: Input signatures (shapes, dtypes, devices of the mask and of every prediction)
-#: that passed the checks, each with the logits dtype of the launch (None: the
-#: predictions already share one). Validity depends on nothing else, so a
-#: training loop checks its inputs once, not on every step.
-_validated: dict[tuple, torch.dtype | None] = {}
-#: A bound on the cache (a new signature after that clears it).
-_MAX_VALIDATED = 256
 _pc_loss_fwd = torch.ops.ncl_fast.pc_loss_fwd.default  # the overload itself: no packet resolution per call
 
 
-def _signature(logits_list: list, mask: torch.Tensor) -> tuple | None:
-    """The cache key of a call, or None where an argument is not a tensor."""
-    if not isinstance(mask, torch.Tensor) or not all(isinstance(z, torch.Tensor) for z in logits_list):
-        return None
-    return (mask.shape, mask.dtype, mask.device, *[(z.shape, z.dtype, z.device) for z in logits_list])
-
-
-def _check_inputs(logits_list: list, mask: torch.Tensor) -> torch.dtype | None:
-    """The shared checks (one message whatever the backend); the dtype to promote the logits to, if any."""
-    _checks.check_mask(mask)
-    if len(logits_list) == 0:
-        raise ValueError("pc_loss needs at least one prediction; pass the model's logits list")
-    for z in logits_list:
-        _checks.check_logits(z, mask)
-    if len({z.dtype for z in logits_list}) > 1:  # one launch reads one dtype
-        return functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
-    return None
-
-
-def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.pc_loss`: every scale in one fused pass each way.
+def pc_loss(logits_list: list, mask: torch.Tensor, mu: float, radius: int) -> torch.Tensor:
+    """`ncl_fast.functional.pc_loss` on checked inputs: every scale in one fused pass each way.
 
     The per-call Python work is kept small (the kernels take microseconds): the
-    checks run once per input signature, and the op's autograd is in C++.
+    inputs were checked once, by `functional`, and the op's autograd is in C++.
     """
-    _checks.check_pc_args(mu, radius)
-    logits_list = list(logits_list)
-    if torch.compiler.is_compiling():  # traced once: no cache in the graph
-        common = _check_inputs(logits_list, mask)
-    else:
-        key = _signature(logits_list, mask)
-        if key is not None and key in _validated:
-            common = _validated[key]
-        else:
-            common = _check_inputs(logits_list, mask)
-            if len(_validated) >= _MAX_VALIDATED:
-                _validated.clear()
-            _validated[key] = common
-    if common is not None:
+    if len({z.dtype for z in logits_list}) > 1:  # one launch reads one dtype
+        common = functools.reduce(torch.promote_types, (z.dtype for z in logits_list))
         logits_list = [z.to(common) for z in logits_list]
     if mask.dtype not in MASK_DTYPES:
         mask = mask > 0.5
@@ -142,8 +102,8 @@ def pc_loss(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float =
     return total
 
 
-def pc_bce(logits: torch.Tensor, mask: torch.Tensor, mu: float = 0.9, radius: int = 2) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.pc_bce`: one prediction."""
+def pc_bce(logits: torch.Tensor, mask: torch.Tensor, mu: float, radius: int) -> torch.Tensor:
+    """`ncl_fast.functional.pc_bce` on checked inputs: one prediction."""
     return pc_loss([logits], mask, mu, radius)
 
 

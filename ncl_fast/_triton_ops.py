@@ -27,7 +27,7 @@ def supports(device: torch.device) -> str | None:
     return f"Triton has no kernels for {device.type} tensors here"
 
 
-# ---- patch labels and lists -----------------------------------------------------------------
+# ---- patch labels -------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("ncl_fast::patch_labels_triton", mutates_args=())
@@ -40,34 +40,14 @@ def _(mask, win_y, win_x, rows, cols, tol):
     return mask.new_empty(mask.shape[0], rows * cols, dtype=torch.uint8)
 
 
-@torch.library.custom_op("ncl_fast::patch_lists_triton", mutates_args=())
-def _patch_lists_op(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _k_labels.patch_lists_fwd(labels)
-
-
-@_patch_lists_op.register_fake
-def _(labels):
-    B, L = labels.shape
-    return labels.new_empty(B, 3, dtype=torch.int32), labels.new_empty(B, L, dtype=torch.int32)
-
-
-def patch_labels(mask: torch.Tensor, feature_size, patch: int, tol: float = 0.0) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.patch_labels`."""
-    _checks.check_mask(mask)
-    _checks.check_tol(tol)
-    if isinstance(feature_size, int):
-        feature_size = (feature_size, feature_size)
-    grid = _checks.patch_grid(mask.shape[-2:], tuple(feature_size), patch)
+def patch_labels(mask: torch.Tensor, grid: _checks.PatchGrid, tol: float) -> torch.Tensor:
+    """`ncl_fast.functional.patch_labels` on checked inputs."""
     return _patch_labels_op(mask, grid.window_y, grid.window_x, grid.rows, grid.cols, float(tol))
 
 
-def patch_lists(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(counts (B, 3) int32 [|P|, |N|, |K|], perm (B, L) int32)`: the patch indices
-    grouped tampered, authentic, contour (each ascending)."""
-    return _patch_lists_op(labels)
-
-
 # ---- NCL terms ----------------------------------------------------------------------------------
+
+_NCL_OUTPUTS = 3 + len(_k_ncl.NCLSaved._fields)  # terms, counts, perm, then NCLSaved's fields
 
 
 @torch.library.custom_op("ncl_fast::ncl_terms_triton", mutates_args=())
@@ -80,35 +60,20 @@ def _ncl_terms_op(
     rows: int,
     cols: int,
     tau: float,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-]:  # terms, counts, perm, then what the backward needs: nrm, nrma, sa, lse, w, lsea, wa, plan, ws
+    slot: int,
+) -> tuple[(torch.Tensor,) * _NCL_OUTPUTS]:  # terms, counts, perm, then NCLSaved's fields
     counts, perm = _k_labels.patch_lists_fwd(labels)
-    out = _k_ncl.ncl_terms_fwd(feat, anchor_pos, anchor_neg, counts, perm, patch, (rows, cols), tau)
-    terms, saved = out[0], out[1:]
-    return (terms, counts, perm) + tuple(saved)
+    terms, saved = _k_ncl.ncl_terms_fwd(feat, anchor_pos, anchor_neg, counts, perm, patch, (rows, cols), tau, slot)
+    return (terms, counts, perm, *saved)
 
 
 @_ncl_terms_op.register_fake
-def _(feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau):
+def _(feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau, slot):
     B, L = feat.shape[0], rows * cols
-    f32 = dict(dtype=torch.float32, device=feat.device)
-    i32 = dict(dtype=torch.int32, device=feat.device)
-    return (
-        torch.empty(B, 3, **f32),  # terms
-        torch.empty(B, 3, **i32),  # counts
-        torch.empty(B, L, **i32),  # perm
-        torch.empty(B, L, **f32),  # nrm
-        torch.empty(B, 2, **f32),  # nrma
-        torch.empty(B, 2, L, **f32),  # sa
-        torch.empty(B, L, **f32),  # lse
-        torch.empty(B, L, **f32),  # w
-        torch.empty(B, 2, **f32),  # lsea
-        torch.empty(B, 2, **f32),  # wa
-        torch.empty(B, 2, dtype=torch.int64, device=feat.device),  # plan
-        torch.empty(max(_k_ncl.workspace_elems(feat), 1), **f32),  # ws: the similarity workspace
-    )
+    terms = feat.new_empty(B, 3, dtype=torch.float32)
+    counts = feat.new_empty(B, 3, dtype=torch.int32)
+    perm = feat.new_empty(B, L, dtype=torch.int32)
+    return (terms, counts, perm, *_k_ncl.NCLSaved.empty(B, L, slot, feat.device))
 
 
 @torch.library.custom_op("ncl_fast::ncl_terms_triton_bwd", mutates_args=())
@@ -119,35 +84,27 @@ def _ncl_terms_bwd_op(
     anchor_neg: torch.Tensor,
     counts: torch.Tensor,
     perm: torch.Tensor,
-    nrm: torch.Tensor,
-    nrma: torch.Tensor,
-    sa: torch.Tensor,
-    lse: torch.Tensor,
-    w: torch.Tensor,
-    lsea: torch.Tensor,
-    wa: torch.Tensor,
-    plan: torch.Tensor,
-    ws: torch.Tensor,
+    saved: list[torch.Tensor],  # the fields of NCLSaved, in order
     patch: int,
     rows: int,
     cols: int,
     tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    saved = (nrm, nrma, sa, lse, w, lsea, wa, plan, ws)
-    return _k_ncl.ncl_terms_bwd(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, saved, patch, (rows, cols), tau)
+    return _k_ncl.ncl_terms_bwd(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, _k_ncl.NCLSaved(*saved),
+                                patch, (rows, cols), tau)
 
 
 @_ncl_terms_bwd_op.register_fake
-def _(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, nrm, nrma, sa, lse, w, lsea, wa, plan, ws, patch, rows, cols,
-      tau):
-    return torch.empty_like(feat), torch.empty_like(anchor_pos), torch.empty_like(anchor_neg)
+def _(grad_terms, feat, anchor_pos, anchor_neg, counts, perm, saved, patch, rows, cols, tau):
+    # the real op's strides: empty_like(feat) for the map, contiguous (B, D) for the anchors
+    return torch.empty_like(feat), anchor_pos.new_empty(anchor_pos.shape), anchor_neg.new_empty(anchor_neg.shape)
 
 
 def _ncl_setup(ctx, inputs, output):
-    feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau = inputs
+    feat, labels, anchor_pos, anchor_neg, patch, rows, cols, tau, _ = inputs
     _, counts, perm, *saved = output
     # only `terms` is differentiable: no zero gradients for the other outputs (the
-    # workspace alone is SIM_BUDGET x the feature map)
+    # workspace among them)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(feat, anchor_pos, anchor_neg, counts, perm, *saved)
     ctx.geometry = (patch, rows, cols, tau)
@@ -155,13 +112,13 @@ def _ncl_setup(ctx, inputs, output):
 
 def _ncl_backward(ctx, grad_terms, *unused_grads):
     if grad_terms is None:  # nothing downstream used the terms
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     feat, anchor_pos, anchor_neg, counts, perm, *saved = ctx.saved_tensors
     patch, rows, cols, tau = ctx.geometry
     g_feat, g_pos, g_neg = _ncl_terms_bwd_op(
-        grad_terms.contiguous(), feat, anchor_pos, anchor_neg, counts, perm, *saved, patch, rows, cols, tau
+        grad_terms.contiguous(), feat, anchor_pos, anchor_neg, counts, perm, saved, patch, rows, cols, tau
     )
-    return g_feat, None, g_pos, g_neg, None, None, None, None
+    return g_feat, None, g_pos, g_neg, None, None, None, None, None
 
 
 _ncl_terms_op.register_autograd(_ncl_backward, setup_context=_ncl_setup)
@@ -172,19 +129,21 @@ def ncl_terms(
     labels: torch.Tensor,
     anchor_pos: torch.Tensor,
     anchor_neg: torch.Tensor,
-    patch: int,
-    tau: float = 0.1,
+    grid: _checks.PatchGrid,
+    tau: float,
 ) -> torch.Tensor:
-    """Same contract as `ncl_fast.reference.ncl_terms` (fp32, fp16 and bf16 inputs)."""
-    grid = _checks.check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch, tau)
+    """`ncl_fast.functional.ncl_terms` on checked inputs (fp32, fp16 and bf16)."""
     for name, t in (("feat", feat), ("anchor_pos", anchor_pos), ("anchor_neg", anchor_neg)):
         if t.dtype not in FEATURE_DTYPES:
             raise ValueError(
                 f"impl='triton' computes in fp32 from fp32/bf16/fp16 inputs; {name} is {t.dtype} "
                 f"(use impl='reference' for fp64, e.g. in gradcheck)"
             )
-    return _ncl_terms_op(feat, _as_label_codes(labels), anchor_pos, anchor_neg, patch, grid.rows, grid.cols,
-                         float(tau))[0]
+    L = grid.rows * grid.cols
+    # the workspace's values per image are an argument of the op: its size is part of the
+    # traced graph (and of any cache key), never read from the environment by the fake
+    return _ncl_terms_op(feat, _as_label_codes(labels), anchor_pos, anchor_neg, grid.patch, grid.rows, grid.cols,
+                         float(tau), _k_ncl.workspace_slot(L))[0]
 
 
 def _as_label_codes(labels: torch.Tensor) -> torch.Tensor:

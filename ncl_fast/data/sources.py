@@ -16,7 +16,7 @@ as 0/1 values or in colour, which the 127.5 rule would turn empty or wrong
 Decoding (`read_image`, `read_mask`): Pillow opens every file (its header, the
 decompression-bomb limit and its error messages); baseline and progressive
 JPEGs in RGB or greyscale are then decoded by torchvision's libjpeg-turbo
-decoder, whose pixels equal Pillow's (tests/test_images.py checks it) and which
+decoder, whose pixels equal Pillow's (tests/data/test_images.py checks it) and which
 skips Pillow's copies; every other file and mode is decoded by Pillow.
 torchvision's PNG decoder is not used: it crashes the process on a PNG with a
 bad checksum instead of raising an error.

@@ -66,4 +66,4 @@ class NCLLoss(nn.Module):
                              f"{features.shape[1]} (shape {tuple(features.shape)}); build it with "
                              f"NCLLoss(channels={features.shape[1]}, ...)")
         p = self.patch_cells(mask, features)
-        return functional.ncl_loss(features, mask, self.pivot, p, self.tau, self.tol, impl=self.impl)
+        return functional.ncl_loss_after_map_checks(features, mask, self.pivot, p, self.tau, self.tol, impl=self.impl)

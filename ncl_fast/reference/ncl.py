@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .patches import AUTHENTIC, TAMPERED, CONTOUR, patch_features
+from .patches import AUTHENTIC, TAMPERED, CONTOUR, patch_features_unchecked
 
 #: The `F.normalize` clamp of SPEC.md section 3.
 EPS = 1e-12
@@ -56,10 +56,21 @@ def ncl_terms(
     Returns:
         fp32 `(B, 3)` (fp64 for fp64 inputs). Undefined terms are 0.
     """
-    _checks.check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch, tau)
+    grid = _checks.check_ncl_inputs(feat, labels, anchor_pos, anchor_neg, patch, tau)
+    return ncl_terms_unchecked(feat, labels, anchor_pos, anchor_neg, grid, tau)
 
+
+def ncl_terms_unchecked(
+    feat: torch.Tensor,
+    labels: torch.Tensor,
+    anchor_pos: torch.Tensor,
+    anchor_neg: torch.Tensor,
+    grid: _checks.PatchGrid,
+    tau: float,
+) -> torch.Tensor:
+    """`ncl_terms` on arguments already checked (`grid` from `_checks.check_ncl_inputs`)."""
     dt = compute_dtype(feat.dtype)
-    f = F.normalize(patch_features(feat.to(dt), patch), dim=-1, eps=EPS)  # (B, L, D)
+    f = F.normalize(patch_features_unchecked(feat.to(dt), grid.patch), dim=-1, eps=EPS)  # (B, L, D)
     ap = F.normalize(anchor_pos.to(dt), dim=-1, eps=EPS)  # (B, D)
     an = F.normalize(anchor_neg.to(dt), dim=-1, eps=EPS)
 

@@ -30,11 +30,11 @@ def patch_labels(mask: torch.Tensor, feature_size, patch: int, tol: float = 0.0)
     Returns:
         `uint8 (B, L)`, `L = (h // p) * (w // p)`, row-major.
     """
-    _checks.check_mask(mask)
-    _checks.check_tol(tol)
-    if isinstance(feature_size, int):
-        feature_size = (feature_size, feature_size)
-    grid = _checks.patch_grid(mask.shape[-2:], tuple(feature_size), patch)
+    return patch_labels_unchecked(mask, _checks.check_patch_labels_args(mask, feature_size, patch, tol), tol)
+
+
+def patch_labels_unchecked(mask: torch.Tensor, grid: _checks.PatchGrid, tol: float) -> torch.Tensor:
+    """`patch_labels` on arguments already checked (`grid` from `_checks.check_patch_labels_args`)."""
     B = mask.shape[0]
     wy, wx = grid.window_y, grid.window_x
     m = binarize(mask)[:, 0, : grid.rows * wy, : grid.cols * wx]
@@ -50,5 +50,9 @@ def patch_labels(mask: torch.Tensor, feature_size, patch: int, tol: float = 0.0)
 def patch_features(feat: torch.Tensor, patch: int) -> torch.Tensor:
     """`(B, C, h, w) -> (B, L, D)`: each patch flattened channel-major, then row, then column."""
     _checks.check_feature_map(feat)
+    return patch_features_unchecked(feat, patch)
+
+
+def patch_features_unchecked(feat: torch.Tensor, patch: int) -> torch.Tensor:
     cols = F.unfold(feat, kernel_size=patch, stride=patch)  # (B, D, L)
     return cols.transpose(1, 2)

@@ -43,10 +43,13 @@ def pc_bce(logits: torch.Tensor, mask: torch.Tensor, mu: float = 0.9, radius: in
     `L = mu * sum_E(l) / |E| + (1 - mu) * sum(l) / (B h_o w_o)`; the band term is
     0 when the band is empty. Returns an fp32 scalar (fp64 for fp64 logits).
     """
-    _checks.check_mask(mask)
-    _checks.check_pc_args(mu, radius)
-    sy, sx = _checks.check_logits(logits, mask)
-    g = shrink_mask(mask, sy, sx)
+    _checks.check_pc_inputs([logits], mask, mu, radius)
+    return pc_bce_unchecked(logits, mask, mu, radius)
+
+
+def pc_bce_unchecked(logits: torch.Tensor, mask: torch.Tensor, mu: float, radius: int) -> torch.Tensor:
+    """`pc_bce` on arguments already checked (`_checks.check_pc_inputs`)."""
+    g = shrink_mask(mask, mask.shape[2] // logits.shape[2], mask.shape[3] // logits.shape[3])
     band = contour_band(g, radius)
     z = logits.to(compute_dtype(logits.dtype))
     loss = F.binary_cross_entropy_with_logits(z, g.to(z.dtype), reduction="none")
@@ -59,6 +62,10 @@ def pc_loss(
     logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float = 0.9, radius: int = 2
 ) -> torch.Tensor:
     """Sum of `pc_bce` over the model's predictions (every scale)."""
-    if len(logits_list) == 0:
-        raise ValueError("pc_loss needs at least one prediction; pass the model's logits list")
-    return sum(pc_bce(z, mask, mu, radius) for z in logits_list)
+    _checks.check_pc_inputs(logits_list, mask, mu, radius)
+    return pc_loss_unchecked(logits_list, mask, mu, radius)
+
+
+def pc_loss_unchecked(logits_list: Sequence[torch.Tensor], mask: torch.Tensor, mu: float, radius: int) -> torch.Tensor:
+    """`pc_loss` on arguments already checked (`_checks.check_pc_inputs`)."""
+    return sum(pc_bce_unchecked(z, mask, mu, radius) for z in logits_list)

@@ -10,6 +10,14 @@ import oracles
 from helpers import ROOT, random_mask, require_backend
 from ncl_fast import NCLLoss
 
+# NaN or inf formed in any lane, masked ones included, is an error (the interpreter
+# computes masked lanes too: numpy's warning is how they show)
+pytestmark = pytest.mark.filterwarnings(
+    "error:invalid value encountered:RuntimeWarning",
+    "error:overflow encountered:RuntimeWarning",
+    "error:divide by zero encountered:RuntimeWarning",
+)
+
 README = ROOT / "README.md"
 
 

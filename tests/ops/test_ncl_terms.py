@@ -11,6 +11,14 @@ from helpers import random_mask, relative_error, require_backend
 from ncl_fast import functional, reference
 from tolerances import GRADS, SAME_VALUES, VS_FP32_INPUT
 
+# NaN or inf formed in any lane, masked ones included, is an error (the interpreter
+# computes masked lanes too: numpy's warning is how they show)
+pytestmark = pytest.mark.filterwarnings(
+    "error:invalid value encountered:RuntimeWarning",
+    "error:overflow encountered:RuntimeWarning",
+    "error:divide by zero encountered:RuntimeWarning",
+)
+
 # (B, C, h, w, p): odd sizes, C not a power of two, patch sizes 1..8, single-patch images.
 SHAPES = [
     (2, 5, 13, 11, 3),
@@ -189,11 +197,11 @@ def test_no_l_by_l_buffer(impl, gen):
     if impl == "reference":
         assert quadratic, "the recorder must see the reference's (B, L, L) similarity matrix"
     else:
-        # the stored path's workspace is sized by the feature map (SIM_BUDGET x its
-        # bytes), whatever L is; nothing else may grow with L^2
+        # the stored path's workspace holds one L x ld(L) slot per image (what S can
+        # need); nothing else may grow with L^2
         from ncl_fast.kernels import ncl_terms as k
 
-        quadratic = [n for n in quadratic if n != k.workspace_elems(feat)]
+        quadratic = [n for n in quadratic if n != shape[0] * k.workspace_slot(L)]
         assert not quadratic, f"buffers of {quadratic} elements: the fused op must not build L x L matrices"
 
 
@@ -267,14 +275,14 @@ def _fwd_plan(feat, labels, a_pos, a_neg, p):
 
     counts, perm = kl.patch_lists_fwd(labels)
     B, C, h, w = feat.shape
-    out = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, w // p), 0.1)
-    return out[0], out[-2], counts
+    terms, saved = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, p, (h // p, w // p), 0.1)
+    return terms, saved.plan, counts
 
 
 @pytest.mark.slow
 def test_mixed_batch_stores_what_fits(gen, monkeypatch):
-    # Budget for image 0's block and a little more: image 0 is stored, image 1 (larger) is
-    # not, image 2 (small) fits after image 0. Values and gradients still match.
+    # A cap of 200 values per image, below L x ld(L): image 0's block fits its slot and is
+    # stored, image 1's (larger) is not, image 2's (small) is. Values and gradients still match.
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_terms as k
 
@@ -285,11 +293,10 @@ def test_mixed_batch_stores_what_fits(gen, monkeypatch):
     labels[1] = torch.tensor([1] * 12 + [0] * 20 + [2] * 4, dtype=torch.uint8)  # 12 x 32 = 384
     labels[2] = torch.tensor([1] * 2 + [0] * 30 + [2] * 4, dtype=torch.uint8)  # 2 x 32 = 64
     labels = labels[:, torch.randperm(36, generator=gen)]
-    map_bytes = feat.numel() * feat.element_size()
-    monkeypatch.setattr(k, "SIM_BUDGET", (144 + 64 + 10) * 4 / map_bytes)
-    assert k.workspace_elems(feat) >= 208 and k.workspace_elems(feat) < 144 + 384
+    monkeypatch.setattr(k, "SIM_BUDGET", 200 * 4 / 2**20)  # MiB
+    assert k.workspace_slot(36) == 200
     terms, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
-    assert plan.tolist() == [[0, 1], [144, 0], [144, 1]]
+    assert plan.tolist() == [[0, 1], [200, 0], [400, 1]]
     check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
     grad_out = torch.rand(3, 3, generator=gen) + 0.5
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
@@ -298,9 +305,9 @@ def test_mixed_batch_stores_what_fits(gen, monkeypatch):
 
 
 def test_workspace_blocks_are_16_byte_aligned(gen, monkeypatch):
-    # Every stored block's rows are |P| + |N| padded to a multiple of 4 fp32 values, so
-    # every row, and every block (the plan's offsets are sums of block sizes), starts
-    # 16 bytes into the workspace: the backward's 128-bit loads of S rely on it.
+    # Every stored block's rows are |P| + |N| padded to a multiple of 4 fp32 values, and
+    # every slot is a multiple of 4 values, so every row and every block starts 16 bytes
+    # into the workspace: the backward's 128-bit loads of S rely on it.
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_terms as k
 
@@ -312,12 +319,14 @@ def test_workspace_blocks_are_16_byte_aligned(gen, monkeypatch):
         for np_, nn in sizes
     ])
     _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
-    offsets, off = [], 0
-    for np_, nn in sizes:
-        offsets.append(off)
-        off += np_ * (-(-(np_ + nn) // 4) * 4)
-    assert plan.tolist() == [[o, 1] for o in offsets]
-    assert all(o % 4 == 0 for o in offsets)
+    assert plan.tolist() == [[b * 36 * 36, 1] for b in range(4)]  # one slot of L x ld(L) per image
+    # odd L and caps that are no multiple of 16 bytes: every slot is still a multiple of 4 values
+    for budget in (BUDGETS["stored"], 1e-3, 7e-5):
+        monkeypatch.setattr(k, "SIM_BUDGET", budget)
+        for L in (1, 5, 35, 37, 1023):
+            slot = k.workspace_slot(L)
+            assert slot % 4 == 0 and slot <= L * (-(-L // 4) * 4) and slot <= budget * 2**20 / 4
+            assert slot == min(L * (-(-L // 4) * 4), int(budget * 2**20 / 4) // 4 * 4)
 
 
 def test_backward_reads_no_value_from_the_row_padding(gen, monkeypatch):
@@ -338,14 +347,14 @@ def test_backward_reads_no_value_from_the_row_padding(gen, monkeypatch):
         for np_, nn in sizes
     ])
     counts, perm = kl.patch_lists_fwd(labels)
-    out = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (8, 8), 0.1)
-    plan, ws = out[-2], out[-1]
+    _, saved = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (8, 8), 0.1)
+    plan, ws = saved.plan, saved.ws
     assert plan[:, 1].tolist() == [1, 1]
     for (np_, nn), (off, _) in zip(sizes, plan.tolist()):
         ld = -(-(np_ + nn) // 4) * 4
         ws[off: off + np_ * ld].view(np_, ld)[:, np_ + nn:] = float("nan")
     grad_out = torch.rand(2, 3, generator=gen) + 0.5
-    grads = k.ncl_terms_bwd(grad_out, feat, a_pos, a_neg, counts, perm, out[1:], 2, (8, 8), 0.1)
+    grads = k.ncl_terms_bwd(grad_out, feat, a_pos, a_neg, counts, perm, saved, 2, (8, 8), 0.1)
     _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
     assert all(torch.isfinite(g).all() for g in grads)
     check_grads(grads, want, torch.float32)
@@ -449,7 +458,7 @@ def test_every_covered_cell_is_written(impl, gen, monkeypatch):
 
 def test_backward_makes_no_zero_gradients_for_the_saved_outputs(gen, monkeypatch):
     # Only `terms` is differentiable: autograd must not materialize a zero gradient for
-    # the workspace (SIM_BUDGET x the feature map) or the other saved outputs.
+    # the workspace (one L x ld(L) slot per image) or the other saved outputs.
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_terms as k
 
@@ -472,5 +481,74 @@ def test_backward_makes_no_zero_gradients_for_the_saved_outputs(gen, monkeypatch
     terms = functional.ncl_terms(leaves[0], labels, leaves[1], leaves[2], 2, impl="triton")
     with Zeros() as z:
         terms.sum().backward()
-    assert k.workspace_elems(feat) > 1000
+    assert 2 * k.workspace_slot(16) == 512  # a zero-filled workspace would show
     assert not [n for n in z.sizes if n > 16], f"zero-filled buffers of {z.sizes} elements in the backward"
+
+
+def test_64bit_offsets_are_chosen_where_an_image_spans_2_to_the_31(gen):
+    # A permuted (C, B, h, w) buffer read as (B, C, h, w): the channel stride spans the
+    # batch, so one image's offsets pass 2^31 although each image holds few elements.
+    from ncl_fast.kernels import patch_labels as kl
+
+    B, C, h, w = 64, 4096, 128, 128  # 2^32 elements in all (meta tensors), 2^26 per image
+    contiguous = torch.empty(B, C, h, w, device="meta")
+    permuted = torch.empty(C, B, h, w, device="meta").transpose(0, 1)
+    assert not kl.needs_64bit_offsets(contiguous)
+    assert kl.needs_64bit_offsets(permuted)
+    assert kl.needs_64bit_offsets(contiguous, torch.empty(B, C * h * w, device="meta").t().contiguous().t())
+    assert not kl.needs_64bit_offsets(contiguous[:, :, :, :1].expand(B, C, h, 2**20))  # stride 0: no span
+
+
+@pytest.mark.parametrize("path", ["stored", "bounded"])
+def test_64bit_offset_kernels_match(path, gen, monkeypatch):
+    # The int64 variants of every kernel (forced here with a zero span) give the same
+    # values and gradients, labels included.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS[path])
+    shape = (2, 3, 12, 10, 2)
+    feat, labels, a_pos, a_neg = make_case(shape, "blobs", gen)
+    mask = random_mask(2, 24, 20, "blobs", gen)
+    feat = feat.to(memory_format=torch.channels_last)
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    want, want_grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
+    want_labels = functional.patch_labels(mask, (12, 10), 2, impl="triton")
+    monkeypatch.setattr(kl, "INT32_SPAN", 0)
+    assert kl.needs_64bit_offsets(feat)
+    got, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
+    assert torch.equal(functional.patch_labels(mask, (12, 10), 2, impl="triton"), want_labels)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path", ["stored", "bounded"])
+def test_several_row_tiles_and_chunks_of_d(path, dtype, gen, monkeypatch):
+    # L = 289 > 256 patches, |P| and |N| above 64 (several row tiles in every kernel: 64 in
+    # the similarity GEMM and the stored backward, 32 in the bounded kernels), D = 68 (two
+    # 64-wide chunks of D and of K, for fp32 and for the half path's tensor-core dots); a
+    # small D keeps the interpreter fast. An index taken within a tile instead of the whole
+    # list (e.g. the diagonal j != m), or a K loop that drops its accumulator, shows here.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS[path])
+    assert k._upcast(torch.empty(0, dtype=dtype)) == (dtype == torch.float32)  # fp16: the half path
+    shape = (2, 17, 34, 34, 2)
+    feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=dtype)
+    n_p = [int(x) for x in torch.randint(70, 140, (2,), generator=gen)]
+    labels = torch.stack([
+        torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]
+        for p_ in n_p
+    ])
+    tau = float(torch.empty(()).uniform_(0.07, 0.2, generator=gen))
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    got, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, tau, grad_out)
+    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2, tau), *SAME_VALUES[dtype])
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, tau, grad_out)
+    check_grads(grads, want, dtype)
+    _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
+    assert plan[:, 1].tolist() == ([1, 1] if path == "stored" else [0, 0])

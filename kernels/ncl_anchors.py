@@ -1,0 +1,270 @@
+"""Per-patch statistics and the anchors' terms t2, t3 (SPEC.md section 5; notation in
+`ncl_common.py`), shared by both algorithms:
+
+* `_ncl_stats_fwd_kernel`: |f_x|, s(a+, x), s(a-, x) of every listed patch, the
+  anchors' norms and the image's workspace plan (one pass over the used patches);
+* `_ncl_anchor_fwd_kernel`: t2 and t3, and t1 closed from the row blocks' sums;
+* `_ncl_anchor_bwd_kernel`, `_ncl_anchor_grad_kernel`: both anchors' gradients.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .ncl_common import _anchor_coef, _d_offsets, _patch_offsets, _sigmoid, _softplus, _wide, _ws_ld
+
+# Per-patch statistics: 8 patches x 512 values of D per step, so that ~4 programs
+# per SM keep enough loads in flight (one pass over the used patches).
+STATS_BX = 8
+STATS_BK = 512
+# Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program).
+ANCHOR_SPLITS = 4
+
+
+@triton.jit
+def _ncl_stats_fwd_kernel(
+    feat_ptr,  # (B, C, h, w) fp32/bf16/fp16, strides below
+    apos_ptr, aneg_ptr,  # (B, D) anchors a+, a- (canonical order)
+    perm_ptr, counts_ptr,  # (B, L) int32, (B, 3) int32
+    nrm_ptr,  # (B, L) fp32 out: |f_x| by list position
+    sa_ptr,  # (B, 2, L) fp32 out: s(a+, x), s(a-, x) by list position
+    lse_ptr, w_ptr,  # (B, L) fp32 out: 0 at the positions the t1 kernels leave (not tampered rows of t1)
+    nrma_ptr,  # (B, 2) fp32 out: |a+|, |a-|
+    plan_ptr,  # (B, 2) int64 out: workspace offset of the image's block (its slot), 1 if stored
+    stride_fb, stride_fc, stride_fy, stride_fx,
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
+    slot,  # fp32 values of workspace per image
+    BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_used = n_p + n_n
+    x0 = pid * BLOCK_X
+    pos = x0 + tl.arange(0, BLOCK_X)
+    in_list = pos < L
+    # Every entry of the (B, L) outputs is written, those past the image's lists as 0 (and
+    # lam, W wherever the t1 kernels do not write them): the op's outputs are defined
+    # values, which torch.compile's checks compare, and nothing reads unwritten memory.
+    not_t1_row = (pos >= n_p) | (n_p < 2) | (n_n < 1)
+    tl.store(lse_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
+    tl.store(w_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
+    if pid == 0:
+        # one slot per image: stored when the block fits the slot (always, below the cap)
+        size = tl.where((n_p >= 2) & (n_n >= 1), n_p.to(tl.int64) * _ws_ld(n_used), 0)
+        tl.store(plan_ptr + b * 2, b * slot)
+        tl.store(plan_ptr + b * 2 + 1, (size <= slot).to(tl.int64))
+    elif x0 >= n_used:  # no listed patch here (program 0 always runs: the anchors' norms)
+        zero = tl.zeros([BLOCK_X], dtype=tl.float32)
+        tl.store(nrm_ptr + b * L + pos, zero, mask=in_list)
+        tl.store(sa_ptr + b * 2 * L + pos, zero, mask=in_list)
+        tl.store(sa_ptr + b * 2 * L + L + pos, zero, mask=in_list)
+        return
+    pmask = pos < n_used
+    feat_b = feat_ptr + b * stride_fb
+    poff = _patch_offsets(perm_ptr + b * L, pos, pmask, Q, P_, stride_fy, stride_fx)
+    sq = tl.zeros([BLOCK_X], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_X], dtype=tl.float32)
+    dn = tl.zeros([BLOCK_X], dtype=tl.float32)
+    ap2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    an2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < D
+        d_off, canon = _d_offsets(k, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+        f = tl.load(feat_b + poff[:, None] + d_off[None, :], mask=pmask[:, None] & kmask[None, :], other=0.0)
+        f = f.to(tl.float32)
+        ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kmask, other=0.0).to(tl.float32)
+        an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kmask, other=0.0).to(tl.float32)
+        sq += tl.sum(f * f, axis=1)
+        dp += tl.sum(f * ap[None, :], axis=1)
+        dn += tl.sum(f * an[None, :], axis=1)
+        ap2 += ap * ap
+        an2 += an * an
+    nrm = tl.sqrt(sq)
+    nrm_p = tl.sqrt(tl.sum(ap2, axis=0))
+    nrm_n = tl.sqrt(tl.sum(an2, axis=0))
+    rn = 1.0 / tl.maximum(nrm, eps)
+    # past the lists the loads gave 0: these stores write zeros there
+    tl.store(nrm_ptr + b * L + pos, nrm, mask=in_list)
+    tl.store(sa_ptr + b * 2 * L + pos, dp * rn * (inv_tau / tl.maximum(nrm_p, eps)), mask=in_list)
+    tl.store(sa_ptr + b * 2 * L + L + pos, dn * rn * (inv_tau / tl.maximum(nrm_n, eps)), mask=in_list)
+    if pid == 0:
+        tl.store(nrma_ptr + b * 2, nrm_p)
+        tl.store(nrma_ptr + b * 2 + 1, nrm_n)
+
+
+@triton.jit
+def _ncl_anchor_fwd_kernel(
+    sa_ptr, counts_ptr,
+    terms_ptr,  # (B, 3) fp32 out: t1, t2, t3
+    lsea_ptr, wa_ptr,  # (B, 2) fp32 out: lam+-, W+- (0 where undefined)
+    part_s_ptr, part_b_ptr,  # (B, n_s), (B, n_b) fp32: the row blocks' sums of t1 (both paths)
+    L, n_s, n_b,
+    BLOCK: tl.constexpr,
+):
+    """t2 (program 0 of an image) and t3 (program 1); program 0 also closes t1 from the
+    row blocks' sums, in a fixed order."""
+    b = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)  # 0: a+ (positives P, negatives N); 1: a- (positives N, negatives P)
+    if which == 0:
+        t1 = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, n_s, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            t1 += tl.load(part_s_ptr + b * n_s + offs, mask=offs < n_s, other=0.0)
+        for i0 in range(0, n_b, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            t1 += tl.load(part_b_ptr + b * n_b + offs, mask=offs < n_b, other=0.0)
+        n_pf = tl.load(counts_ptr + b * 3).to(tl.float32)
+        # every part of an image whose t1 is undefined is 0
+        tl.store(terms_ptr + b * 3, tl.sum(t1, axis=0) / tl.maximum(n_pf * (n_pf - 1.0), 1.0))
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_k = tl.load(counts_ptr + b * 3 + 2)
+    ok = (n_p >= 1) & (n_n >= 1) & (n_k >= 1)
+    pos_lo = tl.where(which == 0, 0, n_p)
+    pos_hi = tl.where(which == 0, n_p, n_p + n_n)
+    neg_lo = tl.where(which == 0, n_p, 0)
+    neg_hi = tl.where(which == 0, n_p + n_n, n_p)
+    row = sa_ptr + b * 2 * L + which * L
+    # 1. lam: max-shifted log-sum-exp over the negatives, one running (max, sum)
+    #    per lane; a finite sentinel keeps empty lanes free of -inf - -inf
+    run_max = tl.full([BLOCK], -1e30, dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(neg_lo, neg_hi, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        m = offs < neg_hi
+        s = tl.load(row + offs, mask=m, other=-1e30)
+        new_max = tl.maximum(run_max, s)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.where(m, tl.exp(s - new_max), 0.0)
+        run_max = new_max
+    top = tl.max(run_max, axis=0)
+    total = tl.sum(run_sum * tl.exp(run_max - top), axis=0)
+    lse = tl.where(ok, top + tl.log(tl.where(ok, total, 1.0)), 0.0)
+    # 2. positives
+    term = tl.zeros([BLOCK], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK], dtype=tl.float32)
+    for j0 in range(pos_lo, pos_hi, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        m = offs < pos_hi
+        z = lse - tl.load(row + offs, mask=m, other=0.0)
+        term += tl.where(m, _softplus(z), 0.0)
+        wsum += tl.where(m, _sigmoid(z), 0.0)
+    n_pos = tl.maximum(pos_hi - pos_lo, 1).to(tl.float32)
+    tl.store(terms_ptr + b * 3 + 1 + which, tl.where(ok, tl.sum(term, axis=0) / n_pos, 0.0))
+    tl.store(lsea_ptr + b * 2 + which, lse)
+    tl.store(wa_ptr + b * 2 + which, tl.where(ok, tl.sum(wsum, axis=0), 0.0))
+
+
+@triton.jit
+def _ncl_anchor_bwd_kernel(
+    feat_ptr,
+    part_ptr,  # (B, RS, 2, D) fp32 out: sum over the split's patches of c_x hat f_x, per anchor
+    dots_ptr,  # (B, RS, 2) fp32 out: sum over the split's patches of c_x s(a, x), per anchor
+    perm_ptr, counts_ptr, nrm_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr,
+    stride_fb, stride_fc, stride_fy, stride_fx,
+    L, Q, C, P_: tl.constexpr, D, n_td, rows_per_split, eps,
+    RS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Both anchors' gradients, first half: one chunk of D and one split of the patch
+    list per program (every feature read once for both anchors)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    pid_d = pid % n_td
+    rs = pid // n_td
+    n_p = tl.load(counts_ptr + b * 3)
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_k = tl.load(counts_ptr + b * 3 + 2)
+    t23_ok = (n_p >= 1) & (n_n >= 1) & (n_k >= 1)
+    k2 = tl.load(gout_ptr + b * 3 + 1) / tl.maximum(n_p.to(tl.float32), 1.0)
+    k3 = tl.load(gout_ptr + b * 3 + 2) / tl.maximum(n_n.to(tl.float32), 1.0)
+    lse_p = tl.load(lsea_ptr + b * 2)
+    lse_n = tl.load(lsea_ptr + b * 2 + 1)
+    w_p = tl.load(wa_ptr + b * 2)
+    w_n = tl.load(wa_ptr + b * 2 + 1)
+    feat_b = feat_ptr + b * stride_fb
+    perm_b = perm_ptr + b * L
+    kd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    kdmask = kd < D
+    d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+    acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dot_p = tl.zeros([BLOCK_X], dtype=tl.float32)
+    dot_n = tl.zeros([BLOCK_X], dtype=tl.float32)
+    n_used = tl.where(t23_ok, n_p + n_n, 0)
+    lo = rs * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, n_used)
+    for x0 in range(lo, hi, BLOCK_X):
+        rows = x0 + tl.arange(0, BLOCK_X)
+        xmask = rows < hi
+        x_is_p = rows < n_p
+        s_p = tl.load(sa_ptr + b * 2 * L + rows, mask=xmask, other=0.0)
+        s_n = tl.load(sa_ptr + b * 2 * L + L + rows, mask=xmask, other=0.0)
+        c_p = tl.where(xmask, _anchor_coef(x_is_p, s_p, lse_p, w_p, k2, True), 0.0)
+        c_n = tl.where(xmask, _anchor_coef(x_is_p, s_n, lse_n, w_n, k3, False), 0.0)
+        rn_x = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=xmask, other=1.0), eps)
+        poff = _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)
+        f = tl.load(feat_b + poff[:, None] + d_off[None, :], mask=xmask[:, None] & kdmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc_p += tl.sum((c_p * rn_x)[:, None] * f, axis=0)
+        acc_n += tl.sum((c_n * rn_x)[:, None] * f, axis=0)
+        dot_p += c_p * s_p
+        dot_n += c_n * s_n
+    out = part_ptr + ((b * RS + rs) * 2) * D
+    tl.store(out + canon, acc_p, mask=kdmask)
+    tl.store(out + D + canon, acc_n, mask=kdmask)
+    if pid_d == 0:
+        tl.store(dots_ptr + (b * RS + rs) * 2, tl.sum(dot_p, axis=0))
+        tl.store(dots_ptr + (b * RS + rs) * 2 + 1, tl.sum(dot_n, axis=0))
+
+
+@triton.jit
+def _ncl_anchor_grad_kernel(
+    part_ptr, dots_ptr, apos_ptr, aneg_ptr, nrma_ptr,
+    gpos_ptr, gneg_ptr,  # (B, D) contiguous out: gradients of a+, a-
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    D, inv_tau, eps,
+    RS: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Both anchors' gradients, second half: the splits' sums in a fixed order, then
+    through each anchor's normalization."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
+    kd = pid * BLOCK + tl.arange(0, BLOCK)
+    kdmask = kd < D
+    acc_p = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_p = 0.0
+    dot_n = 0.0
+    for rs in range(RS):
+        base = part_ptr + ((b * RS + rs) * 2) * D
+        acc_p += tl.load(base + kd, mask=kdmask, other=0.0)
+        acc_n += tl.load(base + D + kd, mask=kdmask, other=0.0)
+        dot_p += tl.load(dots_ptr + (b * RS + rs) * 2)
+        dot_n += tl.load(dots_ptr + (b * RS + rs) * 2 + 1)
+    for which in tl.static_range(2):
+        if which == 0:
+            a = tl.load(apos_ptr + b * stride_ab + kd * stride_ad, mask=kdmask, other=0.0).to(tl.float32)
+            acc = acc_p
+            dot = dot_p
+        else:
+            a = tl.load(aneg_ptr + b * stride_nb + kd * stride_nd, mask=kdmask, other=0.0).to(tl.float32)
+            acc = acc_n
+            dot = dot_n
+        nrm_a = tl.load(nrma_ptr + b * 2 + which)
+        rn_a = 1.0 / tl.maximum(nrm_a, eps)
+        radial = tl.where(nrm_a >= eps, dot, 0.0)
+        grad = rn_a * (acc * inv_tau - a * rn_a * radial)
+        if which == 0:
+            tl.store(gpos_ptr + b * D + kd, grad, mask=kdmask)
+        else:
+            tl.store(gneg_ptr + b * D + kd, grad, mask=kdmask)
