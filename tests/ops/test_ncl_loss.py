@@ -9,6 +9,7 @@ import torch
 import oracles
 from helpers import ROOT, random_mask, require_backend
 from ncl_fast import NCLLoss
+from tolerances import GRADS
 
 # NaN or inf formed in any lane, masked ones included, is an error (the interpreter
 # computes masked lanes too: numpy's warning is how they show)
@@ -111,7 +112,10 @@ def test_triton_backend_reads_a_vit_token_map_view(gen):
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
     (2.0 * l1).backward()
     (2.0 * l2).backward()
-    torch.testing.assert_close(t2.grad, t1.grad, rtol=1e-4, atol=1e-7)
+    # the fp32 gradient tolerance of tests/tolerances.py: atol relative to the largest gradient
+    # (a fixed 1e-7 failed about one seed in eight on a cancelling element, 3e-7 off)
+    rtol, atol_scale = GRADS[torch.float32]
+    torch.testing.assert_close(t2.grad, t1.grad, rtol=rtol, atol=atol_scale * t1.grad.abs().max().item())
     assert (t2.grad[:, 0] == 0).all()  # the class token is not in the loss
 
 
