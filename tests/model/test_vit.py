@@ -10,10 +10,9 @@ from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from helpers import losses_over_steps, random_mask, synthetic_split
-from ncl_fast import train
 from ncl_fast import distributed
 from ncl_fast.engine import loop
-from ncl_fast.engine.config import PRESETS, resolve
+from ncl_fast.engine.config import resolve
 from ncl_fast.engine.loop import run_training
 from ncl_fast.engine.checkpoints import load_checkpoint
 from ncl_fast.evaluate import main as evaluate_main

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import time
-from collections import Counter
 
 import pytest
 import torch

@@ -8,10 +8,9 @@ import torch
 from PIL import Image
 
 from helpers import TINY_TRAIN, synthetic_split
-from ncl_fast import train
 from ncl_fast import distributed
 from ncl_fast.engine import loop
-from ncl_fast.engine.config import PRESETS, resolve
+from ncl_fast.engine.config import resolve
 from ncl_fast.engine.loop import run_training
 from ncl_fast.engine.checkpoints import load_checkpoint
 from ncl_fast.data import ForgeryDataset
