@@ -1,21 +1,33 @@
-"""Pixel- and image-level metrics, exactly as IMDL-BenCo computes them (ECOSYSTEM.md).
+"""Pixel- and image-level metrics, with IMDL-BenCo's definitions (ECOSYSTEM.md).
 
 Per image, with `P = 1[p > 0.5]` (strictly greater), mask `m`, valid pixels `S`:
   F1 = 2 prec rec / (prec + rec + 1e-8), prec = TP / (TP + FP + 1e-8), rec = TP / (TP + FN + 1e-8)
   IoU = I / (sum(P S) + sum(m S) - I + 1e-8), I = TP
-  AUC over the valid pixels (ties count 1/2); an image with an empty mask scores 0.
-Dataset values are means over images, authentic images included (they score 0).
+  AUC over the valid pixels, tie-correct (average ranks: ties count 1/2, as
+  scikit-learn); an image with an empty mask scores 0. An image whose valid
+  pixels are all tampered has no AUC (one class only): it is left out of the AUC
+  means and counted under `pixel-level AUC (undefined, dropped)`.
+Where IMDL-BenCo's own AUC differs: 0.1.45 walks an unstable sort without grouping
+ties, so its value depends on the order of tied scores (this one does not), and
+gives NaN for the undefined images (which this one drops, as imdlbenco13 does).
+
+Dataset values (`protocol`):
+* `ncl_fast` and `benco` (IMDL-BenCo 0.1.45): means over images, authentic
+  images included (they score 0);
+* `benco13` (imdlbenco13): pixel F1, AUC and IOU averaged over tampered images
+  only (0 when there are none), as its evaluators do.
 A figure that is undefined for a set (image-level AUC without authentic images,
 tampered-only means without tampered images) is None, with the reason under
 `undefined`: never NaN, which JSON cannot hold.
 Also reported, under distinct names: the means over tampered images only, and a
 dataset-level F1 from TP, FP, FN summed over all pixels. Image level: score =
-max of the prediction over valid pixels, label = any tampered pixel, F1 at 0.5
-and AUC over images.
+max of the prediction over valid pixels, label = any tampered pixel (or the
+label the dataset gives: IMDL-BenCo's protocols label an image by its raw mask),
+F1 at 0.5 and AUC over images.
 
 AUC is rank based (Mann-Whitney U with average ranks for ties) in torch, so it
 runs on the GPU over full-resolution images; the tests check it against
-scikit-learn's `roc_auc_score`.
+scikit-learn's `roc_auc_score` and IMDL-BenCo's own evaluators.
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import torch
 
 EPS = 1e-8
 NAMES = ("pixel-level F1", "pixel-level AUC", "pixel-level IOU", "image-level F1", "image-level AUC")
+PROTOCOLS = ("ncl_fast", "benco", "benco13")
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -47,8 +60,11 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return (u / (n_pos * n_neg)).item()
 
 
-def image_metrics(pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
-    """Metrics of one image: `pred` (H, W) in [0, 1], `mask` (H, W) binary, `valid` (H, W) or None."""
+def image_metrics(pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None,
+                  label: bool | None = None) -> dict:
+    """Metrics of one image: `pred` (H, W) in [0, 1], `mask` (H, W) binary, `valid` (H, W) or None;
+    `label`: the image's label when the dataset gives one (default: any tampered valid pixel).
+    `auc` is None when undefined (every valid pixel tampered)."""
     pred = pred.reshape(pred.shape[-2:]).float()
     m = mask.reshape(pred.shape).bool()
     s = torch.ones_like(m) if valid is None else valid.reshape(pred.shape).bool()
@@ -64,38 +80,51 @@ def image_metrics(pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | 
     tampered = bool(ms.any())
     a = auc(pred[s], m[s]) if tampered else 0.0
     if math.isnan(a):  # every valid pixel tampered: one class only
-        a = 0.0
+        a = None
     score = pred[s].max().item() if s.any() else 0.0
     return {"f1": f1, "iou": iou, "auc": a, "tp": tp, "fp": fp, "fn": fn, "tampered": tampered, "score": score,
-            "n_mask": int(ms.sum()), "n_valid": int(s.sum())}
+            "label": tampered if label is None else bool(label), "n_mask": int(ms.sum()), "n_valid": int(s.sum())}
 
 
-def summarize(per_image: list[dict]) -> dict:
-    """Dataset values from the per-image dicts of `image_metrics`."""
+def summarize(per_image: list[dict], protocol: str = "ncl_fast") -> dict:
+    """Dataset values from the per-image dicts of `image_metrics`, averaged as `protocol` does
+    (one of PROTOCOLS; see the module's docstring)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     n = len(per_image)
     if n == 0:
         raise ValueError("no images to summarize")
-    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+    def mean(key, rows):
+        values = [r[key] for r in rows if r[key] is not None]  # undefined AUCs dropped
+        return sum(values) / len(values) if values else float("nan")
+
     tampered = [r for r in per_image if r["tampered"]]
     tp = sum(r["tp"] for r in per_image)
     fp = sum(r["fp"] for r in per_image)
     fn = sum(r["fn"] for r in per_image)
     prec, rec = tp / (tp + fp + EPS), tp / (tp + fn + EPS)
-    labels = torch.tensor([r["tampered"] for r in per_image])
+    labels = torch.tensor([r.get("label", r["tampered"]) for r in per_image])
     scores = torch.tensor([r["score"] for r in per_image])
     pred_lab = scores > 0.5
     itp = (pred_lab & labels).sum().item()
     ifp = (pred_lab & ~labels).sum().item()
     ifn = (~pred_lab & labels).sum().item()
     iprec, irec = itp / (itp + ifp + EPS), itp / (itp + ifn + EPS)
+    headline = tampered if protocol == "benco13" else per_image
+    # imdlbenco13 scores a set without tampered images 0
+    pixel = (lambda key: mean(key, headline) if headline else 0.0) if protocol == "benco13" else \
+        (lambda key: mean(key, headline))
     out = {
-        "pixel-level F1": mean("f1", per_image),
-        "pixel-level AUC": mean("auc", per_image),
-        "pixel-level IOU": mean("iou", per_image),
+        "pixel-level F1": pixel("f1"),
+        "pixel-level AUC": pixel("auc"),
+        "pixel-level IOU": pixel("iou"),
         "image-level F1": 2 * iprec * irec / (iprec + irec + EPS),
         "image-level AUC": auc(scores, labels),
         "pixel-level F1 (tampered only)": mean("f1", tampered),
         "pixel-level AUC (tampered only)": mean("auc", tampered),
+        "pixel-level IOU (tampered only)": mean("iou", tampered),
+        "pixel-level AUC (undefined, dropped)": sum(r["auc"] is None for r in per_image),
         "pixel-level F1 (dataset-level)": 2 * prec * rec / (prec + rec + EPS),
         # what predicting "tampered" everywhere would score (prec = |m| / |S|, rec = 1)
         "pixel-level F1 (all-tampered baseline)": sum(
