@@ -11,6 +11,14 @@ Sizing modes (`mode`):
   down to fit, keeping their aspect ratio);
 * `crop` (training, the paper's setting): a random `size x size` crop, smaller
   images padded (padding is authentic and outside `shape_mask`).
+IMDL-BenCo's evaluation protocols (`protocol="benco"` or `"benco13"`; both
+versions make their inputs alike) reproduce its inputs instead: the mask
+thresholded (mean(RGB) > 127.5) at the original size, the label true when any
+raw mask value is non-zero, then `resize` with OpenCV as albumentations does
+(`cv2.resize`, linear for the image, nearest for the mask; OpenCV is needed,
+`pip install opencv-python-headless`) or `pad` by zero padding at the bottom and
+right and cropping the top-left `size x size` of a larger image (its
+`shape_mask` covers what holds the image).
 Training adds horizontal flips. Augmentation randomness is drawn from
 (seed, epoch, index): the key a sampler passes is `(epoch, index)` (see
 `sampler.EpochSampler`; a plain index means epoch 0), so batches are the same
@@ -26,9 +34,42 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .sources import Entry, read_image, read_mask
+from .sources import Entry, read_image, read_mask, read_mask_and_label
 
 MODES = ("resize", "pad", "crop")
+PROTOCOLS = ("ncl_fast", "benco", "benco13")
+
+
+def opencv():
+    """cv2, which IMDL-BenCo's protocols resize with; a clear error when it is missing."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise ImportError(f"IMDL-BenCo's protocol resizes with OpenCV (cv2.resize), which cannot be imported "
+                          f"({err}): pip install opencv-python-headless (or ncl_fast[benco]), or evaluate with "
+                          f"--if_padding, which needs no resizing") from None
+    return cv2
+
+
+def check_protocol(protocol: str, mode: str) -> None:
+    """Raise ValueError (or ImportError for a missing OpenCV) when `protocol` cannot run in `mode`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol != "ncl_fast":
+        if mode not in ("resize", "pad"):
+            raise ValueError(f"protocol {protocol} evaluates in resize or pad mode, not {mode!r}")
+        if mode == "resize":
+            opencv()
+
+
+def benco_resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """albumentations' `Resize(size, size)` as IMDL-BenCo applies it: cv2.resize, linear for the
+    uint8 image, nearest for the binary mask."""
+    cv2 = opencv()
+    if image.shape[:2] == (size, size):
+        return image, mask
+    return (cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool))
 
 
 def resize_to_fit(image: np.ndarray, mask: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +134,7 @@ class UnreadableItemError(RuntimeError):
 
 class ForgeryDataset(Dataset):
     """Items: `image` uint8 (3, S, S), `mask` bool (1, S, S), `label` (1. if any pixel is
-    tampered), `name`, `size` (H, W) of the original image, `index`; and `shape_mask` bool
+    tampered; IMDL-BenCo's rule under its protocols), `name`, `size` (H, W) of the original image, `index`; and `shape_mask` bool
     (1, S, S), the pixels that hold the image, when `shape_mask` is true (default: outside
     training, in the modes that pad; in `resize` mode it would be all ones, and training
     never reads it).
@@ -111,9 +152,14 @@ class ForgeryDataset(Dataset):
         seed: int = 0,
         attack: Callable[[np.ndarray, str], np.ndarray] | None = None,
         shape_mask: bool | None = None,
+        protocol: str = "ncl_fast",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_protocol(protocol, mode)
+        if protocol != "ncl_fast" and train:
+            raise ValueError(f"protocol {protocol} is an evaluation protocol; training uses ncl_fast's inputs")
+        self.protocol = protocol
         self.entries = list(entries)
         self.size = size
         self.mode = mode
@@ -126,30 +172,40 @@ class ForgeryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(image, mask, label); the label is IMDL-BenCo's (any non-zero raw mask value) under its
+        protocols, else any tampered pixel."""
         e = self.entries[index]
         image = read_image(e.image)
         if e.mask is None:
-            mask = np.zeros(image.shape[:2], dtype=bool)
+            mask, label = np.zeros(image.shape[:2], dtype=bool), False
         else:
-            mask = read_mask(e.mask, self.invert_masks)
+            if self.protocol == "ncl_fast":
+                mask = read_mask(e.mask, self.invert_masks)
+                label = bool(mask.any())
+            else:
+                mask, label = read_mask_and_label(e.mask, self.invert_masks)
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"size mismatch: image {e.image} is {image.shape[:2]} but mask {e.mask} is {mask.shape}")
-        return image, mask
+        return image, mask, label
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         e = self.entries[index]
         try:
-            image, mask = self.load(index)
+            image, mask, label = self.load(index)
         except (OSError, ValueError, SyntaxError) as err:  # a file changed or vanished since it was checked
             raise UnreadableItemError(f"{e.image}" + (f" (mask {e.mask})" if e.mask else "")
                                       + f": {type(err).__name__}: {err}") from None
         H, W = mask.shape
-        label = float(mask.any())
+        label = float(label)
         if self.attack is not None:
             image = self.attack(image, e.image)
-        image, mask = resize_to_fit(image, mask, self.size, self.mode)
+        if self.protocol == "ncl_fast":
+            image, mask = resize_to_fit(image, mask, self.size, self.mode)
+        elif self.mode == "resize":
+            image, mask = benco_resize(image, mask, self.size)
+        # (IMDL-BenCo's pad mode: to_canvas below pads, and crops the top-left of a larger image)
         y0 = x0 = 0
         flip = False
         if self.train:  # the draws, in this order: crop corner (crop mode, larger images only), then flip

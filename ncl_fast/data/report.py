@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sources import DatasetError, check_entries, list_dataset, read_mask
+from .sources import DatasetError, check_entries, list_dataset, path_rule, read_mask
 
 
 def report_one(name: str, path: str, invert: bool) -> bool:
@@ -14,6 +14,9 @@ def report_one(name: str, path: str, invert: bool) -> bool:
     except DatasetError as err:
         print(f"  ERROR {err}")
         return False
+    rule = path_rule(path)
+    if rule:
+        print(f"  {rule}")
     rep = check_entries(entries)
     rep.warnings = warnings + rep.warnings
     print(f"  {len(entries)} images: {rep.tampered} with tampered pixels, {rep.authentic} authentic")

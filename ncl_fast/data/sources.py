@@ -3,10 +3,21 @@
 * a **Tp/Gt folder**: `Tp/` images and `Gt/` masks, both sorted and paired by
   position (a count mismatch is an error; pairs whose stems differ are warned);
 * a **JSON list**: `[["img", "mask"], ["img", "Negative"], ...]`; `"Negative"`
-  is an authentic image with an all-zero mask; relative paths are taken from
-  the JSON file's folder;
+  is an authentic image with an all-zero mask; a record may hold more fields
+  after these two (IMDL-BenCo reads the first two, and so does this);
+* IMDL-BenCo's **BalancedDataset list**: `[["ManiDataset", folder],
+  ["JsonDataset", list.json], ...]`: the images of every dataset named, in order
+  (IMDL-BenCo's training draws the same number from each; evaluation here reads
+  each image once);
 * a **test-set map**: a JSON object `{"name": path, ...}`, each path a folder or a
   JSON list (the key is the name used in logs and tables).
+
+Relative paths in these JSON files (`paths`, see `PATH_RULES`): `auto` (the
+default) takes a path from the JSON file's folder when the file is there, else
+from the working directory, which is where IMDL-BenCo takes every relative path
+from (its lists then work unchanged); `cwd` takes them from the working directory
+only, as IMDL-BenCo does (`--protocol benco|benco13`). `path_rule` says which rule
+a file's paths followed; `check_data` prints it.
 
 `check_entries` opens every file once and reports, before any training starts:
 unreadable or corrupt files, image/mask size mismatches (errors), masks stored
@@ -33,6 +44,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+PATH_RULES = ("auto", "cwd")
+#: the dataset classes a BalancedDataset list may name, and what they read
+BALANCED_KINDS = {"ManiDataset": "a Tp/Gt folder", "JsonDataset": "a JSON list"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 NEGATIVE = "Negative"
 
@@ -109,30 +123,78 @@ def list_folder(root: Path) -> tuple[list[Entry], list[str]]:
     return [Entry(str(i), str(m)) for i, m in zip(images, masks)], warnings
 
 
-def list_json(path: Path) -> list[Entry]:
+def resolve(value: str, base: Path, paths: str = "auto") -> tuple[str, str]:
+    """`(path, rule)`: a path of a JSON file in folder `base` under the rule `paths` (PATH_RULES);
+    `rule` is `absolute`, `json` (from the file's folder) or `cwd` (from the working directory)."""
+    if paths not in PATH_RULES:
+        raise ValueError(f"paths must be one of {', '.join(PATH_RULES)}, got {paths!r}")
+    if os.path.isabs(value):
+        return value, "absolute"
+    if paths == "auto":
+        beside = base / value
+        if os.path.lexists(beside) or not os.path.lexists(value):
+            return str(beside), "json"
+    return os.path.abspath(value), "cwd"
+
+
+def _balanced(data) -> bool:
+    return bool(data) and all(isinstance(r, (list, tuple)) and len(r) == 2 and r[0] in BALANCED_KINDS
+                              and isinstance(r[1], str) for r in data)
+
+
+def list_json(path: Path, paths: str = "auto", rules: set | None = None) -> list[Entry]:
+    """The entries of a JSON list, or of a BalancedDataset list; `rules` collects the path rules used."""
     data = read_json(path, "JSON list")
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of [image, mask] pairs, got {type(data).__name__}")
+    rules = set() if rules is None else rules
     base = path.parent
+    if _balanced(data):
+        entries = []
+        for kind, sub in data:
+            where, rule = resolve(sub, base, paths)
+            rules.add(rule)
+            p = Path(where)
+            if kind == "ManiDataset" and not p.is_dir() or kind == "JsonDataset" and not p.is_file():
+                raise DatasetError(f"{path}: {kind} {sub!r} must be {BALANCED_KINDS[kind]}, but {where} is not")
+            entries += list_folder(p)[0] if kind == "ManiDataset" else list_json(p, paths, rules)
+        return entries
     entries = []
     for k, item in enumerate(data):
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-            raise DatasetError(f"{path}: item {k} is {item!r}; each item must be [\"image\", \"mask\" or \"Negative\"]")
-        img, mask = item
-        img = str(base / img) if not os.path.isabs(img) else img
-        if mask != NEGATIVE and not os.path.isabs(mask):
-            mask = str(base / mask)
+        if not (isinstance(item, (list, tuple)) and len(item) >= 2 and all(isinstance(x, str) for x in item[:2])):
+            raise DatasetError(f"{path}: item {k} is {item!r}; each item must be [\"image\", \"mask\" or \"Negative\"] "
+                               f"(more fields may follow; IMDL-BenCo's BalancedDataset lists hold "
+                               f"[\"ManiDataset\" or \"JsonDataset\", path] records)")
+        img, mask = item[0], item[1]
+        img, rule = resolve(img, base, paths)
+        rules.add(rule)
+        if mask != NEGATIVE:
+            mask, rule = resolve(mask, base, paths)
+            rules.add(rule)
         entries.append(Entry(img, None if mask == NEGATIVE else mask))
     return entries
 
 
-def list_dataset(path: str | os.PathLike) -> tuple[list[Entry], list[str]]:
-    """A folder (Tp/Gt) or a JSON list -> (entries, warnings)."""
+def path_rule(path: str | os.PathLike, paths: str = "auto") -> str | None:
+    """How the relative paths of a JSON list were taken (None for a folder, or all absolute)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    rules: set = set()
+    list_json(p, paths, rules)
+    said = {"json": f"from the list's folder {p.parent.resolve()}",
+            "cwd": f"from the working directory {Path.cwd()} (IMDL-BenCo's rule)"}
+    found = [said[r] for r in ("json", "cwd") if r in rules]
+    return "relative paths taken " + " and ".join(found) if found else None
+
+
+def list_dataset(path: str | os.PathLike, paths: str = "auto") -> tuple[list[Entry], list[str]]:
+    """A folder (Tp/Gt), a JSON list or a BalancedDataset list -> (entries, warnings)."""
     p = Path(path)
     if p.is_dir():
         entries, warnings = list_folder(p)
     elif p.is_file():
-        entries, warnings = list_json(p), []
+        entries, warnings = list_json(p, paths), []
     else:
         raise DatasetError(f"{p} does not exist (expected a Tp/Gt folder or a JSON list)")
     if not entries:
@@ -140,8 +202,9 @@ def list_dataset(path: str | os.PathLike) -> tuple[list[Entry], list[str]]:
     return entries, warnings
 
 
-def list_test_sets(path: str | os.PathLike) -> dict[str, str]:
-    """`--test_data_path`: a dataset (named by its folder or file) or a JSON map {name: path}."""
+def list_test_sets(path: str | os.PathLike, paths: str = "auto") -> dict[str, str]:
+    """`--test_data_path`: a dataset (named by its folder or file) or a JSON map {name: path}
+    (its relative paths taken under the rule `paths`)."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".json":
         data = read_json(p, "JSON")
@@ -152,7 +215,7 @@ def list_test_sets(path: str | os.PathLike) -> dict[str, str]:
             for name, sub in data.items():
                 if not isinstance(sub, str):
                     raise DatasetError(f"{p}: the path of test set {name!r} must be a string, got {sub!r}")
-                out[str(name)] = sub if os.path.isabs(sub) else str(p.parent / sub)
+                out[str(name)] = resolve(sub, p.parent, paths)[0]
             return out
     return {p.stem if p.is_file() else p.name: str(p)}
 
@@ -296,6 +359,19 @@ def read_mask(path: str, invert: bool = False) -> np.ndarray:
     return ~m if invert else m
 
 
+def read_mask_and_label(path: str, invert: bool = False) -> tuple[np.ndarray, bool]:
+    """IMDL-BenCo's reading of a mask file: bool (H, W) tampered where mean(RGB) > 127.5, and
+    the image's label, true where any value of the file is non-zero (a faint mask labels its
+    image tampered even where no pixel passes 127.5). `invert` inverts the values first."""
+    with open_image(path) as im:
+        values = decode_jpeg(im, path, gray=im.mode == "L")
+        if values is None:
+            values = to_rgb(im, path, keep_gray=True)
+    if invert:
+        values = ~values if values.dtype == bool else 255 - values
+    return tampered(values), bool(values.any())
+
+
 def read_image(path: str) -> np.ndarray:
     """uint8 (H, W, 3) RGB, whatever the file's mode (see `to_rgb`); may be read-only."""
     with open_image(path) as im:
@@ -380,9 +456,9 @@ def check_entries(entries: list[Entry], check_masks: bool = True) -> Report:
     return report
 
 
-def load_entries(path: str, check: bool = True) -> tuple[list[Entry], Report]:
+def load_entries(path: str, check: bool = True, paths: str = "auto") -> tuple[list[Entry], Report]:
     """Discover and validate; raises DatasetError naming the files when anything is wrong."""
-    entries, warnings = list_dataset(path)
+    entries, warnings = list_dataset(path, paths)
     report = check_entries(entries) if check else Report(entries)
     report.warnings = warnings + report.warnings
     report.raise_if_errors(path)
