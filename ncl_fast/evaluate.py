@@ -11,6 +11,19 @@ is checked before any work starts. A figure undefined for a set (image-level AUC
 without authentic images, for instance) is `null` in `eval.json` and `n/a` in
 the tables, with the reason.
 
+`--protocol` chooses how inputs are made and scores averaged:
+* `ncl_fast` (default): this package's inputs (Pillow resizing, bilinear with
+  smoothing when shrinking; padding shrinks a larger image to fit), IMDL-BenCo
+  0.1.45's per-image means (authentic images score 0), tie-correct AUC;
+* `benco`: IMDL-BenCo 0.1.45's protocol, inputs included: cv2 resizing (linear
+  image, nearest mask; needs opencv-python-headless), padding that crops the
+  top-left of a larger image, an image labelled tampered when any raw mask value
+  is non-zero, relative paths of JSON files taken from the working directory;
+* `benco13`: the same inputs, with imdlbenco13's averaging (pixel F1, AUC and
+  IOU over tampered images only).
+Every protocol drops (and counts) the AUC of an image whose valid pixels are all
+tampered, and computes AUC tie-correct.
+
 Exit status: 0 done, 1 failure at run time, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
@@ -20,6 +33,7 @@ import sys
 
 from . import cli, distributed
 from .data import DatasetError, list_test_sets, load_entries
+from .data.dataset import PROTOCOLS, check_protocol
 from .engine.checkpoints import model_from_checkpoint
 from .engine.evaluation import attack_grid, evaluate_sets, markdown
 from .model import BACKBONES
@@ -50,11 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for eval.json and eval.md (default: print only)")
     ap.add_argument("--device", type=cli.device, default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
+    ap.add_argument("--protocol", default="ncl_fast", choices=PROTOCOLS,
+                    help="inputs and averaging: ncl_fast (default), benco (IMDL-BenCo 0.1.45's, inputs included), "
+                         "benco13 (imdlbenco13's); see above")
     ap.add_argument("--backbone", type=cli.backbone, default=101, choices=BACKBONES,
                     help="a ResNet depth or ViT size, for checkpoints without model_config (default: 101)")
+    add_model_fallbacks(ap)
     cli.add_large_images_option(ap.add_argument)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
+
+
+def add_model_fallbacks(ap: argparse.ArgumentParser) -> None:
+    """What a checkpoint without `model_config` (IMDL-BenCo's) cannot say beyond its backbone."""
+    ap.add_argument("--width", type=cli.positive_int, default=None,
+                    help="ResNet width, for checkpoints without model_config (default: 64)")
+    ap.add_argument("--head_channels", "--head-channels", type=cli.positive_int, default=256,
+                    help="decoder channels, for checkpoints without model_config (default: 256)")
+    ap.add_argument("--variant", default="full", choices=("base", "pivot", "full"),
+                    help="loss variant (its heads), for checkpoints without model_config (default: full)")
+
+
+def model_fallback(args) -> dict:
+    return {"backbone": args.backbone, "width": args.width, "head_channels": args.head_channels,
+            "variant": args.variant}
 
 
 @cli.command
@@ -64,23 +97,27 @@ def main(argv=None) -> int:
     ctx = distributed.setup(args.device)
     try:
         try:
-            test_sets = {name: load_entries(path)[0] for name, path in list_test_sets(args.test_data_path).items()}
-            model, ckpt = model_from_checkpoint(args.checkpoint, ctx.device, {"backbone": args.backbone})
-        except (DatasetError, FileNotFoundError, ValueError) as err:
+            paths = "auto" if args.protocol == "ncl_fast" else "cwd"  # IMDL-BenCo: from the working directory
+            test_sets = {name: load_entries(path, paths=paths)[0]
+                         for name, path in list_test_sets(args.test_data_path, paths).items()}
+            model, ckpt = model_from_checkpoint(args.checkpoint, ctx.device, model_fallback(args))
+            trained = ckpt["args"]
+            size = args.image_size or trained.get("test_image_size") or trained.get("image_size") or 512
+            mode = "pad" if args.if_padding or (not args.if_resizing and trained.get("if_padding")) else "resize"
+            check_protocol(args.protocol, mode)
+        except (DatasetError, FileNotFoundError, ValueError, ImportError) as err:
             raise cli.UsageError(str(err)) from None
-        trained = ckpt["args"]
-        size = args.image_size or trained.get("test_image_size") or trained.get("image_size") or 512
-        mode = "pad" if args.if_padding or (not args.if_resizing and trained.get("if_padding")) else "resize"
         report = evaluate_sets(model.net, test_sets, ctx, size, mode, batch_size=args.batch_size,
                                num_workers=args.num_workers, amp=args.amp, invert_masks=args.invert_masks,
                                attacks=attack_grid(args.robustness, args.robustness_grid),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, protocol=args.protocol)
         if ctx.is_main:
-            header = f"checkpoint {args.checkpoint}, {size}x{size} ({mode}), F1 at threshold 0.5"
+            header = f"checkpoint {args.checkpoint}, {size}x{size} ({mode}), F1 at threshold 0.5, protocol {args.protocol}"
             text = header + "\n\n" + "\n\n".join(markdown(name, results) for name, results in report.items())
             print(text)
             if out is not None:
-                record = {"checkpoint": args.checkpoint, "size": size, "mode": mode, "results": report}
+                record = {"checkpoint": args.checkpoint, "size": size, "mode": mode, "protocol": args.protocol,
+                          "results": report}
                 try:
                     write_json(out / "eval.json", record)
                     write_atomic(out / "eval.md", text + "\n")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from . import cli
 from .data.sources import read_image
 from .engine.checkpoints import model_from_checkpoint
+from .evaluate import add_model_fallbacks, model_fallback
 from .engine.prediction import THRESHOLD, list_images, output_names, predict_image, write_prediction
 from .model import BACKBONES
 from .outputs import OutputError
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on GPU (default: bf16)")
     ap.add_argument("--backbone", type=cli.backbone, default=101, choices=BACKBONES,
                     help="a ResNet depth or ViT size, for checkpoints without model_config (default: 101)")
+    add_model_fallbacks(ap)
     ap.add_argument("--no-overlay", action="store_true", help="do not write overlay/")
     cli.add_large_images_option(ap.add_argument)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         cli.check_output_dir(out / kind, "--out")
     try:
         files = list_images(Path(args.input))
-        model, ckpt = model_from_checkpoint(args.checkpoint, device, {"backbone": args.backbone})
+        model, ckpt = model_from_checkpoint(args.checkpoint, device, model_fallback(args))
     except (FileNotFoundError, ValueError) as err:
         raise cli.UsageError(str(err)) from None
     trained = ckpt["args"]

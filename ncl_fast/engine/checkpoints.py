@@ -130,7 +130,8 @@ def model_from_checkpoint(path: str, device: torch.device, fallback: dict | None
     net = "DeepLabV3+" if isinstance(backbone, int) else "segmenter"
     what = f"a {describe_backbone(backbone, cfg.get('width'))} {net}"
     how = ("its model_config does not match the file's weights: it is damaged or was edited"
-           if ckpt.get("model_config") else "pass --backbone as trained")
+           if ckpt.get("model_config") else
+           "it has no model_config: pass --backbone as trained (and --width, --head_channels, --variant)")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -103,6 +103,7 @@ class TrainConfig:
     progress: bool
     preset: str = "demo"
     overwrite: bool = False
+    protocol: str = "ncl_fast"  # how the evaluation makes inputs and averages (evaluate --protocol)
 
     # ---- what the rest of the engine derives from it --------------------------------------------------------------
     @property
@@ -275,6 +276,9 @@ def train_parser(prog: str = "python -m ncl_fast.train", description: str | None
            "reads of a step) (default: 20)")
     A("--device", type=cli.device, default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     A("--invert-masks", "--invert_masks", action="store_true", help="masks are black = tampered (NIST16)")
+    A("--protocol", default="ncl_fast", choices=("ncl_fast", "benco", "benco13"),
+      help="the evaluation's inputs and averaging, as `evaluate --protocol`: ncl_fast (default), benco "
+           "(IMDL-BenCo 0.1.45's, inputs included), benco13 (imdlbenco13's)")
     cli.add_large_images_option(A)
     A("--no-progress", action="store_true", help="no progress bars")
     return ap
@@ -318,7 +322,13 @@ def from_namespace(ns: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         seed=ns.seed, device=ns.device, amp=ns.amp, compile=ns.compile, sync_bn=ns.sync_bn,
         output_dir=ns.output_dir, log_dir=ns.log_dir, resume=ns.resume, test_period=pick("test_period"),
         keep_checkpoints=ns.keep_checkpoints, log_every=ns.log_every, progress=not ns.no_progress, preset=ns.preset,
-        overwrite=ns.overwrite,
+        overwrite=ns.overwrite, protocol=ns.protocol,
     )
     config = TrainConfig(**values)
-    return config, config.problems()
+    problems = config.problems()
+    try:
+        from ..data.dataset import check_protocol
+        check_protocol(config.protocol, config.test_mode)
+    except (ValueError, ImportError) as err:
+        problems.append(f"--protocol {config.protocol}: {err}")
+    return config, problems

@@ -3,6 +3,10 @@ once on one process or many, and the tables that show them.
 
 Under torchrun each rank takes every world_size-th image; the per-image results
 are gathered, nothing is padded or duplicated.
+
+`protocol`: `ncl_fast` (the default: our inputs, IMDL-BenCo 0.1.45's averaging),
+`benco` (IMDL-BenCo 0.1.45's inputs and averaging) or `benco13` (its inputs,
+imdlbenco13's averaging); see `metrics` and `data.dataset`.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ def autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4, num_workers: int = 2,
-                     amp: str = "off", desc: str = "evaluating", progress: bool = True) -> dict:
+                     amp: str = "off", desc: str = "evaluating", progress: bool = True,
+                     protocol: str = "ncl_fast") -> dict:
     """Summary metrics of `net` (a DeepLabV3Plus or a ViTSegmenter) on `dataset`, every image once."""
     was_training = net.training
     net.eval()
@@ -45,7 +50,8 @@ def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4
         with autocast(ctx.device, amp):
             prob = torch.sigmoid(net(image)["logits"].float())
         for k in range(prob.shape[0]):  # shape None: the whole image is valid (resize mode)
-            r = metrics.image_metrics(prob[k, 0], mask[k, 0], None if shape is None else shape[k, 0])
+            label = None if protocol == "ncl_fast" else bool(batch["label"][k])  # IMDL-BenCo's raw-mask label
+            r = metrics.image_metrics(prob[k, 0], mask[k, 0], None if shape is None else shape[k, 0], label)
             r["index"] = int(batch["index"][k])
             rows.append(r)
     net.train(was_training)
@@ -53,22 +59,22 @@ def evaluate_dataset(net, dataset, ctx: distributed.Context, batch_size: int = 4
     indices = sorted(r["index"] for r in every)
     if indices != list(range(len(dataset))):
         raise RuntimeError(f"evaluation covered {len(indices)} of {len(dataset)} images; each must be seen once")
-    return metrics.summarize(every)
+    return metrics.summarize(every, protocol)
 
 
 def evaluate_sets(net, test_sets: dict, ctx: distributed.Context, size: int, mode: str, *, batch_size: int,
                   num_workers: int, amp: str, invert_masks: bool = False, attacks=(), progress: bool = True,
-                  ) -> dict[str, dict[str, dict]]:
+                  protocol: str = "ncl_fast") -> dict[str, dict[str, dict]]:
     """{set: {condition: summary}} for every test set (entries), clean and under each attack."""
     report = {}
     for name, entries in test_sets.items():
         results = {}
         for attack in [None, *attacks]:
-            ds = ForgeryDataset(entries, size, mode, invert_masks=invert_masks, attack=attack)
+            ds = ForgeryDataset(entries, size, mode, invert_masks=invert_masks, attack=attack, protocol=protocol)
             cond = "clean" if attack is None else attack.name
             label = f"evaluating {name}" + ("" if attack is None and not attacks else f" ({cond})")
             results[cond] = evaluate_dataset(net, ds, ctx, batch_size, num_workers, amp, desc=label,
-                                             progress=progress)
+                                             progress=progress, protocol=protocol)
         report[name] = results
     return report
 
@@ -93,7 +99,14 @@ def markdown(name: str, results: dict[str, dict]) -> str:
         cells = " | ".join(fmt(res[k]) for k in TABLE_KEYS)
         lines.append(f"| {cond} | {cells} | {res['images']} |")
         notes.update({k: why for k, why in res.get("undefined", {}).items() if k in TABLE_KEYS})
+    dropped = {cond: res.get("pixel-level AUC (undefined, dropped)", 0) for cond, res in results.items()}
+    if any(dropped.values()):
+        notes["pixel-level AUC"] = None
     if notes:
         lines.append("")
-        lines += [f"n/a: {k} is undefined: {why}." for k, why in notes.items()]
+        lines += [f"n/a: {k} is undefined: {why}." for k, why in notes.items() if why is not None]
+    for cond, n in dropped.items():
+        if n:
+            lines.append(f"pixel-level AUC ({cond}): {n} image(s) whose valid pixels are all tampered have no AUC "
+                         f"and are left out of the mean.")
     return "\n".join(lines)

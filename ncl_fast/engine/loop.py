@@ -364,7 +364,8 @@ class Trainer:
             config = self.config
             report = evaluate_sets(self.model.net, self.test_sets, self.ctx, config.test_image_size, config.test_mode,
                                    batch_size=config.batch_size, num_workers=min(config.num_workers, 4),
-                                   amp=self.amp, invert_masks=config.invert_masks, progress=config.progress)
+                                   amp=self.amp, invert_masks=config.invert_masks, progress=config.progress,
+                                   protocol=config.protocol)
             results = {name: conds["clean"] for name, conds in report.items()}
             records.add_test_results(record, results)
             if self.ctx.is_main:
