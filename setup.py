@@ -94,6 +94,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-learn", "build"],  # build: the packaging test builds the sdist and wheel
+        # `--protocol benco|benco13` resizes as IMDL-BenCo does, with cv2; the tests against IMDL-BenCo's own
+        # code (tests/system/benco_env.py installs it, without dependencies) also import rich and ttach
+        "benco": ["opencv-python-headless", "rich", "ttach"],
     },
     entry_points={
         "console_scripts": [
