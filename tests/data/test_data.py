@@ -1,5 +1,7 @@
 """Datasets in IMDL-BenCo's formats, and every bad-input path."""
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 
 from ncl_fast.check_data import main as check_data_main
-from ncl_fast.data import DatasetError, ForgeryDataset, list_dataset, list_test_sets, load_entries, read_mask
+from ncl_fast.data import DatasetError, Entry, ForgeryDataset, list_dataset, list_test_sets, load_entries, read_mask
 from ncl_fast.data.attacks import grid
 
 
@@ -189,3 +191,64 @@ def test_attacks_keep_size_and_change_pixels(name):
         if a.name != "jpeg q=100":
             assert not np.array_equal(out, img), a.name
         assert np.array_equal(out, a(img, "key")), f"{a.name} is not repeatable"
+
+
+def test_imdl_benco_lists_read_as_they_do(tmp_path, folder, monkeypatch, capsys):
+    """Lists made for IMDL-BenCo: records with more than two fields, paths relative to the working
+    directory (where IMDL-BenCo takes them from), BalancedDataset lists; check_data names the rule."""
+    from ncl_fast.data.sources import path_rule
+
+    (tmp_path / "lists").mkdir()
+    records = [["ds/Tp/img0.png", "ds/Gt/img0.png", "splicing", 1], ["ds/Tp/img3.png", "Negative", "x"]]
+    (tmp_path / "lists" / "work.json").write_text(json.dumps(records))
+    beside = [["../ds/Tp/img1.png", "../ds/Gt/img1.png"]]
+    (tmp_path / "lists" / "beside.json").write_text(json.dumps(beside))
+    monkeypatch.chdir(tmp_path)
+    entries, _ = load_entries("lists/work.json")  # not beside the list: from the working directory
+    assert [e.image for e in entries] == [str(tmp_path / "ds/Tp/img0.png"), str(tmp_path / "ds/Tp/img3.png")]
+    assert entries[0].mask == str(tmp_path / "ds/Gt/img0.png") and entries[1].mask is None
+    assert "from the working directory" in path_rule("lists/work.json")
+    assert "from the list's folder" in path_rule("lists/beside.json")
+    assert os.path.samefile(load_entries("lists/beside.json")[0][0].image, tmp_path / "ds/Tp/img1.png")
+    with pytest.raises(DatasetError, match="img1.png: image not found"):  # IMDL-BenCo's rule only: not beside the list
+        load_entries("lists/beside.json", paths="cwd")
+    balanced = [["ManiDataset", "ds"], ["JsonDataset", "lists/work.json"]]
+    (tmp_path / "lists" / "balanced.json").write_text(json.dumps(balanced))
+    entries, report = load_entries("lists/balanced.json")
+    assert [os.path.basename(e.image) for e in entries] == ["img0.png", "img1.png", "img2.png", "img3.png",
+                                                            "img0.png", "img3.png"]
+    assert report.tampered == 4 and report.authentic == 2
+    (tmp_path / "lists" / "bad.json").write_text(json.dumps([["ManiDataset", "lists/work.json"]]))
+    with pytest.raises(DatasetError, match="ManiDataset 'lists/work.json' must be a Tp/Gt folder"):
+        load_entries("lists/bad.json")
+    capsys.readouterr()
+    assert check_data_main(["lists/work.json"]) == 0
+    assert f"relative paths taken from the working directory {tmp_path}" in capsys.readouterr().out
+
+
+def test_benco_protocol_label_and_padding(tmp_path, folder):
+    """IMDL-BenCo's inputs: a faint mask (nothing over 127.5) labels its image tampered; padding crops the
+    top-left of a larger image instead of shrinking it."""
+    faint = np.zeros((40, 24, 3), dtype=np.uint8)
+    faint[5:9, 5:9] = 90
+    (tmp_path / "ds" / "Tp" / "big.png").parent.mkdir(exist_ok=True)
+    image = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "ds" / "Tp" / "big.png")
+    Image.fromarray(faint).save(tmp_path / "ds" / "Gt" / "big.png")
+    entry = [Entry(str(tmp_path / "ds/Tp/big.png"), str(tmp_path / "ds/Gt/big.png"))]
+    ours, theirs = ForgeryDataset(entry, 32, "pad")[0], ForgeryDataset(entry, 32, "pad", protocol="benco")[0]
+    assert ours["label"] == 0 and theirs["label"] == 1 and not theirs["mask"].any()
+    assert torch.equal(theirs["image"][:, :32, :24], torch.from_numpy(image[:32].transpose(2, 0, 1)))
+    assert theirs["shape_mask"][0, :32, :24].all() and not theirs["shape_mask"][0, :, 24:].any()
+    assert not torch.equal(ours["image"][:, :32, :19], theirs["image"][:, :32, :19])  # ours shrank it to fit
+
+
+def test_benco_protocol_without_opencv_says_what_to_install(monkeypatch):
+    from ncl_fast.data.dataset import check_protocol
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 fails
+    with pytest.raises(ImportError, match="pip install opencv-python-headless"):
+        check_protocol("benco", "resize")
+    check_protocol("benco13", "pad")  # padding needs no resizing
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        check_protocol("benco2", "pad")

@@ -70,3 +70,33 @@ def test_summary(gen):
     # image level: scores 0.9, 0.9, 0.3 for labels 1, 1, 0
     assert s["image-level F1"] == pytest.approx(1.0, abs=1e-6) and s["image-level AUC"] == 1.0
     assert s["images"] == 3 and s["tampered images"] == 2
+
+
+def test_undefined_auc_is_dropped_and_counted(gen):
+    """An image whose valid pixels are all tampered has no AUC: left out of the AUC means (not
+    scored 0, not NaN) and counted; F1 and IOU keep it. imdlbenco13's averaging takes tampered
+    images only."""
+    from ncl_fast.engine.evaluation import markdown
+
+    valid = torch.zeros(6, 6, dtype=torch.bool)
+    valid[:3, :3] = True
+    full = metrics.image_metrics(torch.rand(6, 6, generator=gen), valid.clone(), valid)  # every valid pixel tampered
+    assert full["auc"] is None and full["tampered"] and full["f1"] > 0
+    pred, mask = torch.rand(6, 6, generator=gen), torch.rand(6, 6, generator=gen) < 0.4
+    mask[0, 0], mask[0, 1] = True, False
+    part = metrics.image_metrics(pred, mask)
+    auth = metrics.image_metrics(torch.rand(6, 6, generator=gen), torch.zeros(6, 6))
+    want_auc = roc_auc_score(mask.flatten().numpy(), pred.flatten().numpy())
+    s = metrics.summarize([full, part, auth])
+    assert s["pixel-level AUC"] == pytest.approx((want_auc + 0) / 2, abs=1e-12)  # authentic scores 0
+    assert s["pixel-level AUC (tampered only)"] == pytest.approx(want_auc, abs=1e-12)
+    assert s["pixel-level AUC (undefined, dropped)"] == 1
+    assert s["pixel-level F1"] == pytest.approx((full["f1"] + part["f1"] + 0) / 3, abs=1e-12)
+    s13 = metrics.summarize([full, part, auth], "benco13")
+    assert s13["pixel-level F1"] == pytest.approx((full["f1"] + part["f1"]) / 2, abs=1e-12)
+    assert s13["pixel-level IOU"] == pytest.approx((full["iou"] + part["iou"]) / 2, abs=1e-12)
+    assert s13["pixel-level AUC"] == pytest.approx(want_auc, abs=1e-12)
+    assert metrics.summarize([auth], "benco13")["pixel-level F1"] == 0.0  # no tampered image: 0, as imdlbenco13
+    assert "1 image(s) whose valid pixels are all tampered have no AUC" in markdown("set", {"clean": s})
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        metrics.summarize([auth], "benco2")
