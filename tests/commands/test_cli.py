@@ -144,3 +144,20 @@ def test_readme_set_up_installs_numpy_with_torch_and_documents_exit_codes():
     assert "python -m pytest -q tests" in readme
     for code in ("0", "1", "2", "130"):
         assert re.search(rf"^\| `?{code}`? \|", readme, re.M), f"exit code {code} is not in the README's table"
+
+
+def test_protocol_option_of_train_and_evaluate(monkeypatch, capsys):
+    """--protocol reaches the training configuration; without OpenCV, IMDL-BenCo's protocol with
+    resizing stops before any work (exit 2), naming what to install; padding needs no OpenCV."""
+    import sys
+
+    assert resolve([]).protocol == "ncl_fast"
+    assert resolve(["--protocol", "benco13", "--if_padding"]).protocol == "benco13"
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 fails
+    with pytest.raises(SystemExit) as stop:
+        resolve(["--protocol", "benco", "--if_resizing"])
+    assert stop.value.code == 2 and "pip install opencv-python-headless" in capsys.readouterr().err
+    assert resolve(["--protocol", "benco", "--if_padding"]).protocol == "benco"
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", "nowhere.pth", "--test_data_path", "nowhere", "--protocol", "benco2"])
+    assert stop.value.code == 2 and "invalid choice: 'benco2'" in capsys.readouterr().err
