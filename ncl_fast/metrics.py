@@ -112,9 +112,12 @@ def summarize(per_image: list[dict], protocol: str = "ncl_fast") -> dict:
     ifn = (~pred_lab & labels).sum().item()
     iprec, irec = itp / (itp + ifp + EPS), itp / (itp + ifn + EPS)
     headline = tampered if protocol == "benco13" else per_image
-    # imdlbenco13 scores a set without tampered images 0
-    pixel = (lambda key: mean(key, headline) if headline else 0.0) if protocol == "benco13" else \
-        (lambda key: mean(key, headline))
+
+    def pixel(key):
+        value = mean(key, headline)
+        # imdlbenco13 scores 0 where it has nothing to average (no tampered image, or no defined AUC)
+        return 0.0 if protocol == "benco13" and math.isnan(value) else value
+
     out = {
         "pixel-level F1": pixel("f1"),
         "pixel-level AUC": pixel("auc"),
