@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                                attacks=attack_grid(args.robustness, args.robustness_grid),
                                progress=not args.no_progress, protocol=args.protocol)
         if ctx.is_main:
-            header = f"checkpoint {args.checkpoint}, {size}x{size} ({mode}), F1 at threshold 0.5, protocol {args.protocol}"
+            header = (f"checkpoint {args.checkpoint}, {size}x{size} ({mode}), F1 at threshold 0.5, "
+                      f"protocol {args.protocol}")
             text = header + "\n\n" + "\n\n".join(markdown(name, results) for name, results in report.items())
             print(text)
             if out is not None:

@@ -134,7 +134,8 @@ class UnreadableItemError(RuntimeError):
 
 class ForgeryDataset(Dataset):
     """Items: `image` uint8 (3, S, S), `mask` bool (1, S, S), `label` (1. if any pixel is
-    tampered; IMDL-BenCo's rule under its protocols), `name`, `size` (H, W) of the original image, `index`; and `shape_mask` bool
+    tampered; IMDL-BenCo's rule under its protocols), `name`, `size` (H, W) of the original
+    image, `index`; and `shape_mask` bool
     (1, S, S), the pixels that hold the image, when `shape_mask` is true (default: outside
     training, in the modes that pad; in `resize` mode it would be all ones, and training
     never reads it).

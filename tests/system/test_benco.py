@@ -290,8 +290,9 @@ def test_their_train_and_test_epochs_run_nclbenco(benco, their_data, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scaler = misc.NativeScalerWithGradNormCount()
     got_grad = set()
-    for name, p in model.named_parameters():
-        p.register_post_accumulate_grad_hook(lambda p, name=name: got_grad.add(name) if p.grad.abs().sum() > 0 else None)
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(
+            lambda p, name=name: got_grad.add(name) if p.grad.abs().sum() > 0 else None)
     stats = benco["training_scripts.trainer"].train_one_epoch(model, train_loader, opt, torch.device("cpu"), 0,
                                                              scaler, log_writer=None, args=args)
     assert np.isfinite(stats["loss"]) and stats["loss"] > 0
