@@ -49,6 +49,34 @@ NCL_FAST_HD int64_t count_bits(const uint32_t* row, int64_t x0, int64_t n) {
   return count;
 }
 
+// The bits kernel's map of work (csrc/cuda): warp w of its grid makes the words
+// [word0, word0 + n_words) of one mask row (row = b * H + y), at most 32 words;
+// for the j-th of them, lane l reads pixel run_pixel(run, j, l) (none past W:
+// a 0 bit), and the ballot of the 32 lanes is the word. The C++ kernel walks
+// the same map lane by lane, so the CPU tests check its index math.
+struct BitsRun {
+  int64_t row, word0;
+  int n_words;
+};
+
+NCL_FAST_HD int64_t bits_runs(int64_t rows, int64_t row_words) { return rows * ((row_words + 31) / 32); }
+
+NCL_FAST_HD BitsRun bits_run(int64_t warp, int64_t row_words) {
+  const int64_t chunks = (row_words + 31) / 32;
+  BitsRun run;
+  run.row = warp / chunks;
+  run.word0 = warp % chunks * 32;
+  run.n_words = static_cast<int>(row_words - run.word0 < 32 ? row_words - run.word0 : 32);
+  return run;
+}
+
+NCL_FAST_HD int64_t run_pixel(const BitsRun& run, int j, int lane) { return (run.word0 + j) * 32 + lane; }
+
+// The element offset of mask row `row` (= b * H + y), the mask's batch and row strides sb, sy.
+NCL_FAST_HD int64_t mask_row_offset(int64_t row, int64_t height, int64_t sb, int64_t sy) {
+  return row / height * sb + row % height * sy;
+}
+
 // g of cell (y, x) of a prediction with strides (sy, sx), from one image's bits:
 // 1 when at least half of the cell's sy x sx pixels are set (the area mean of
 // 1[M > 0.5] >= 0.5, in integers).

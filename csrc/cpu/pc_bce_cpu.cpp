@@ -17,7 +17,8 @@
 namespace ncl_fast {
 namespace {
 
-// The mask's bits (pc_bits.h), (B, H, row_words) 32-bit words; rows in parallel.
+// The mask's bits (pc_bits.h), (B, H, row_words) 32-bit words: the CUDA bits
+// kernel's map of work (bits_run), its warps' ballots done lane by lane here.
 at::Tensor mask_bits_cpu(const at::Tensor& mask) {
   const int64_t B = mask.size(0), H = mask.size(2), W = mask.size(3), row_words = bit_row_words(W);
   auto bits = at::empty({B, H, row_words}, mask.options().dtype(at::kInt));
@@ -25,15 +26,17 @@ at::Tensor mask_bits_cpu(const at::Tensor& mask) {
   NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss", [&] {
     const mask_t* m = mask.data_ptr<mask_t>();
     const int64_t mb = mask.stride(0), my = mask.stride(2), mx = mask.stride(3);
-    at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const mask_t* src = m + (row / H) * mb + (row % H) * my;
-        uint32_t* dst = out + row * row_words;
-        for (int64_t w = 0; w < row_words; ++w) {
-          uint32_t word = 0;
-          for (int64_t x = w * 32; x < std::min<int64_t>(W, w * 32 + 32); ++x)
-            word |= uint32_t(static_cast<float>(src[x * mx]) > 0.5f) << (x & 31);
-          dst[w] = word;
+    at::parallel_for(0, bits_runs(B * H, row_words), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t warp = begin; warp < end; ++warp) {
+        const BitsRun run = bits_run(warp, row_words);
+        const mask_t* src = m + mask_row_offset(run.row, H, mb, my);
+        for (int j = 0; j < run.n_words; ++j) {
+          uint32_t word = 0;  // the ballot: bit l = lane l's pixel
+          for (int lane = 0; lane < 32; ++lane) {
+            const int64_t x = run_pixel(run, j, lane);
+            word |= uint32_t(x < W && static_cast<float>(src[x * mx]) > 0.5f) << lane;
+          }
+          out[run.row * row_words + run.word0 + j] = word;  // on CUDA, lane j stores word j
         }
       }
     });

@@ -55,32 +55,31 @@ struct Strides {
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(2), t.stride(3)}; }
 
 // The mask's bits (pc_bits.h), (B * H, row_words) words. Warp w of the grid
-// makes words [32 c, 32 c + 32) of row w / chunks (c = w % chunks): lane l
-// reads pixel 32 j + l of word j (a coalesced load, kBitsUnroll words in flight),
-// the ballot of the word's 32 lanes is the word, and lane j keeps word j, so
-// that the warp's stores are coalesced too. zero_me (the stats kernel's block
-// counter, or null) is set to 0.
+// makes the words of bits_run(w) (pc_bits.h: up to 32 words of one row): for
+// word j, lane l reads pixel run_pixel(run, j, l) (a coalesced load,
+// kBitsUnroll words in flight), the ballot of the 32 lanes is the word, and
+// lane j keeps word j, so that the warp's stores are coalesced too. zero_me (the
+// stats kernel's block counter, or null) is set to 0.
 constexpr int kBitsUnroll = 8;
 
 template <typename mask_t>
 __global__ void __launch_bounds__(kThreads)
     pc_mask_bits_kernel(const mask_t* __restrict__ mask, Strides ms, int64_t height, int64_t width, int64_t rows,
-                        int64_t chunks, uint32_t* __restrict__ bits, unsigned int* zero_me) {
+                        uint32_t* __restrict__ bits, unsigned int* zero_me) {
   if (zero_me && blockIdx.x == 0 && threadIdx.x == 0) *zero_me = 0;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (warp >= rows * chunks) return;  // the whole warp: the ballots below see full warps only
-  const int64_t row = warp / chunks, word0 = warp % chunks * 32;
   const int64_t row_words = bit_row_words(width);
-  const int n_words = static_cast<int>(row_words - word0 < 32 ? row_words - word0 : 32);
-  const mask_t* src = mask + row / height * ms.b + row % height * ms.y;
+  if (warp >= bits_runs(rows, row_words)) return;  // the whole warp: the ballots below see full warps only
+  const BitsRun run = bits_run(warp, row_words);
+  const mask_t* src = mask + mask_row_offset(run.row, height, ms.b, ms.y);
   uint32_t mine = 0;
-  for (int j0 = 0; j0 < n_words; j0 += kBitsUnroll) {  // the same trip count for every lane
+  for (int j0 = 0; j0 < run.n_words; j0 += kBitsUnroll) {  // the same trip count for every lane
     bool v[kBitsUnroll];
 #pragma unroll
     for (int u = 0; u < kBitsUnroll; ++u) {
-      const int64_t x = (word0 + j0 + u) * 32 + lane;
-      v[u] = j0 + u < n_words && x < width && static_cast<float>(src[x * ms.x]) > 0.5f;
+      const int64_t x = run_pixel(run, j0 + u, lane);
+      v[u] = j0 + u < run.n_words && x < width && static_cast<float>(src[x * ms.x]) > 0.5f;
     }
 #pragma unroll
     for (int u = 0; u < kBitsUnroll; ++u) {
@@ -88,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
       if (lane == j0 + u) mine = word;
     }
   }
-  if (lane < n_words) bits[row * row_words + word0 + lane] = mine;
+  if (lane < run.n_words) bits[run.row * row_words + run.word0 + lane] = mine;
 }
 
 // Fill sG ((kTileH + 2r) x (kTileW + 2r): 0, 1, or 2 outside the image) and
@@ -374,12 +373,12 @@ int64_t make_scales(at::TensorList logits, const std::vector<PcGeometry>& geoms,
 at::Tensor mask_bits_cuda(const at::Tensor& mask, unsigned int* blocks_done, cudaStream_t stream) {
   const int64_t B = mask.size(0), H = mask.size(2), W = mask.size(3), row_words = bit_row_words(W);
   auto bits = at::empty({B, H, row_words}, mask.options().dtype(at::kInt));
-  const int64_t rows = B * H, chunks = (row_words + 31) / 32;
-  const int64_t blocks = (rows * chunks + kWarps - 1) / kWarps;
+  const int64_t rows = B * H;
+  const int64_t blocks = (bits_runs(rows, row_words) + kWarps - 1) / kWarps;
   TORCH_CHECK_VALUE(blocks < (int64_t(1) << 31), "pc_loss (CUDA): the mask is too large for one launch");
   NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss", [&] {
     pc_mask_bits_kernel<mask_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        mask.data_ptr<mask_t>(), strides_of(mask), H, W, rows, chunks,
+        mask.data_ptr<mask_t>(), strides_of(mask), H, W, rows,
         reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>()), blocks_done);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

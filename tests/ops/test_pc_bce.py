@@ -52,8 +52,10 @@ def test_pc_bce_matches_oracle(impl, geom, radius, kind, gen):
 
 # Cells that straddle the 32-pixel words of the extension's mask bits (csrc/pc_bits.h): an odd
 # stride across word boundaries, strides wider than a word (a cell over 2-3 words), unequal row
-# and column strides, a last word of one pixel. (B, H, W, (s_y, s_x))
-WORD_GEOMETRIES = [(1, 6, 99, (3, 3)), (2, 4, 100, (2, 50)), (1, 9, 70, (3, 35)), (2, 3, 65, (1, 1))]
+# and column strides, a last word of one pixel, and rows of more than 32 words (1,024 pixels),
+# which the bits kernel splits into runs of 32 words. (B, H, W, (s_y, s_x))
+WORD_GEOMETRIES = [(1, 6, 99, (3, 3)), (2, 4, 100, (2, 50)), (1, 9, 70, (3, 35)), (2, 3, 65, (1, 1)),
+                   (1, 4, 1090, (2, 5))]
 
 
 @pytest.mark.parametrize("geom", WORD_GEOMETRIES)
