@@ -260,9 +260,9 @@ __device__ __noinline__ void reduce_partials(const double* partials, const Reduc
 }
 
 // partials: (gridDim.x, 3) float64, written here; blocks_done: 0 at launch.
-// 5 blocks per SM (1280 threads): up to 48 registers. ptxas takes 40 on sm_90
-// and 46 on sm_80 with no spills (bound to 6 blocks, 40 registers, the cell
-// counts in the bits spilled 28 B on sm_80).
+// 5 blocks per SM (1280 threads): up to 48 registers. ptxas takes 46-48 on
+// sm_80 and 48 on sm_90, with no spills (bound to 6 blocks, 40 registers, the
+// cell counts in the bits spilled 28 B on sm_80).
 template <typename scalar_t, typename loss_t>
 __global__ void __launch_bounds__(kThreads, 5)
     pc_loss_stats_kernel(Scales<scalar_t> sc, const uint32_t* __restrict__ bits, double* partials,
