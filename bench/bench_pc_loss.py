@@ -21,12 +21,17 @@ Per implementation and dtype:
 
 Bytes floor (forward + backward): every scale's logits read twice (forward and
 backward) and their gradients written once, plus the full-resolution mask read
-once per pass: 3 * n_logits * e + 2 * B * H * W * e_mask. (The kernels read the
-mask once per scale per pass, 3x that term, mostly from L2.) GB/s = floor / time.
+once per pass: 3 * n_logits * e + 2 * B * H * W * e_mask. GB/s = floor / time.
+`byte_model` counts what the kernels move by design: per pass, the mask once
+(the bits kernel), its bits written (one bit a pixel) and read back by the tile
+kernels with their halos, the logits (and gradients), the forward's partial
+sums; and, for comparison, the design before it, which read the mask under
+every tile of every scale with its halo (56 MB at B = 4, 512 x 512, fp32).
 
 Run: python bench/bench_pc_loss.py            (a CUDA device; ~40 s on an H200)
      python bench/bench_pc_loss.py --cpu-host (no GPU: host overhead and op
      counts of one call on tiny CPU tensors, the same Python and dispatch path)
+     python bench/bench_pc_loss.py --bytes    (no GPU: the byte model alone)
 """
 from __future__ import annotations
 
@@ -44,9 +49,55 @@ from _harness import bench_ms, device_header, table  # noqa: E402
 from ncl_fast import functional  # noqa: E402
 from ncl_fast.testing import ellipse_masks  # noqa: E402
 
+#: the CUDA kernels' tile (csrc/cuda/pc_bce_cuda.cu: kTileH x kTileW prediction cells a block)
+TILE_H, TILE_W = 8, 32
+STRIDES = (8, 4, 1)  # the training step's three predictions
+
 HOST_CALLS = 30  # calls queued per host-time sample: ~120 launches for cuda, well under the launch queue's depth
 HOST_SAMPLES = 3  # the median is reported
 PROFILED_CALLS = 10  # enough for a stable mean of microsecond kernels; the profiler costs ~1 s per use
+
+
+def byte_model(B: int, H: int, W: int, strides, radius: int, e_logit: int, e_mask: int) -> dict:
+    """Bytes of one forward + backward (the three-scale call): the floor, this design, the one before.
+
+    A tile kernel's block of scale s covers TILE_H x TILE_W cells plus `radius` cells of halo each
+    side, clipped at the image; it reads s_y bit rows of every halo cell row, each the 32-bit words
+    that span the halo's s_x (TILE_W + 2r) pixels. The sums over tiles are separable (rows x words).
+    """
+    import math
+
+    words = math.ceil(W / 32)
+    n_logits = sum(B * (H // s) * (W // s) for s in strides)
+    mask = B * H * W * e_mask
+    floor = 3 * n_logits * e_logit + 2 * mask
+    bits_read = old_mask_read = blocks = 0
+    for s in strides:
+        h, w = H // s, W // s
+        rows = sum((min(h, y0 + TILE_H + radius) - max(0, y0 - radius)) * s for y0 in range(0, h, TILE_H))
+        spans = [(max(0, x0 - radius) * s, min(w, x0 + TILE_W + radius) * s) for x0 in range(0, w, TILE_W)]
+        bits_read += B * rows * sum((hi - 1) // 32 - lo // 32 + 1 for lo, hi in spans) * 4
+        old_mask_read += B * rows * sum(hi - lo for lo, hi in spans) * e_mask
+        blocks += B * math.ceil(h / TILE_H) * math.ceil(w / TILE_W)
+    partials = blocks * 3 * 8 * 2  # written, read by the last block
+    bits_written = B * H * words * 4
+    design = floor + 2 * (bits_written + bits_read) + partials
+    old = 3 * n_logits * e_logit + 2 * old_mask_read + partials
+    return {"floor": floor, "design": design, "old": old, "bits_written": bits_written, "bits_read": bits_read}
+
+
+def bytes_main(args) -> None:
+    rows = []
+    for mask_dtype, e_mask in (("float32", 4), ("uint8", 1)):
+        for dtype, e in (("float32", 4), ("bfloat16", 2)):
+            m = byte_model(args.batch, args.size, args.size, STRIDES, 2, e, e_mask)
+            rows.append([mask_dtype, dtype, f"{m['floor'] / 1e6:.2f}", f"{m['design'] / 1e6:.2f}",
+                         f"{m['design'] / m['floor']:.3f}", f"{2 * (m['bits_written'] + m['bits_read']) / 1e6:.2f}",
+                         f"{m['old'] / 1e6:.2f}", f"{m['old'] / m['floor']:.2f}"])
+    print(f"Bytes of one three-scale forward + backward (strides {STRIDES}, radius 2), B = {args.batch}, "
+          f"{args.size} x {args.size}; MB = 1e6 bytes\n")
+    print(table(["mask", "logits", "floor MB", "kernels MB", "kernels / floor", "of which mask bits MB",
+                 "previous design MB", "previous / floor"], rows))
 
 
 def make_step(impl: str, preds: list[torch.Tensor], mask: torch.Tensor, compiled=None):
@@ -124,6 +175,8 @@ def gpu_main(args) -> None:
     dev = torch.device("cuda")
     started = time.perf_counter()
     print(device_header())
+    bytes_main(args)
+    print()
     B, S = args.batch, args.size
     rows, kernel_rows = [], []
     for mask_dtype in (torch.float32, torch.uint8):
@@ -132,10 +185,11 @@ def gpu_main(args) -> None:
             g = torch.Generator(device=dev).manual_seed(1)
             preds = [
                 torch.randn(B, 1, S // s, S // s, device=dev, generator=g).to(dtype).requires_grad_()
-                for s in (8, 4, 1)
+                for s in STRIDES
             ]
             n = sum(z.numel() for z in preds)
-            floor = 3 * n * preds[0].element_size() + 2 * mask.numel() * mask.element_size()
+            floor = byte_model(B, S, S, STRIDES, 2, preds[0].element_size(), mask.element_size())["floor"]
+            assert floor == 3 * n * preds[0].element_size() + 2 * mask.numel() * mask.element_size()
             steps = {"cuda": make_step("cuda", preds, mask), "reference": make_step("reference", preds, mask)}
             if not args.no_compile and (args.compile_all or mask_dtype == torch.float32):
                 comp = torch.compile(lambda a, b, c, m: functional.pc_loss([a, b, c], m, 0.9, 2, impl="reference"))
@@ -246,8 +300,11 @@ def main() -> None:
                     help="torch.compile(reference) for the uint8 mask too (float32 masks only by default)")
     ap.add_argument("--cpu-host", action="store_true",
                     help="no GPU needed: host overhead and op counts of one call on tiny CPU tensors")
+    ap.add_argument("--bytes", action="store_true", help="no GPU needed: the byte model alone")
     args = ap.parse_args()
-    if args.cpu_host:
+    if args.bytes:
+        bytes_main(args)
+    elif args.cpu_host:
         cpu_host_main(args)
     else:
         gpu_main(args)

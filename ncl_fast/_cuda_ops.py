@@ -1,10 +1,11 @@
 """The C++/CUDA extension backend (`impl="cuda"`): `pc_bce` and `pc_loss`.
 
 The kernels are registered by the extension as `torch.ops.ncl_fast.pc_loss_fwd`
-(every scale in one launch: the loss, and float64 stats `[sum_E l, |E|, sum l]`
-per scale) and `torch.ops.ncl_fast.pc_loss_bwd` (every scale's gradient in one
-launch, its coefficients read from the stats on the device: no host
-synchronization). The extension also registers the autograd of `pc_loss_fwd`
+(every scale at once: the loss, and float64 stats `[sum_E l, |E|, sum l]` per
+scale) and `torch.ops.ncl_fast.pc_loss_bwd` (every scale's gradient, its
+coefficients read from the stats on the device: no host synchronization). On
+CUDA each is two launches: the mask read once into bits (`csrc/pc_bits.h`), then
+one kernel over every scale's tiles that counts each cell's window in the bits. The extension also registers the autograd of `pc_loss_fwd`
 in C++ (`csrc/pc_bce_autograd.cpp`): a forward and backward stay in the
 dispatcher, with no Python on the way. This module adds the fake (meta) kernels
 so `torch.compile` traces through them. CPU tensors run the extension's C++

@@ -1,16 +1,24 @@
-// Pivot-consistent BCE on CUDA (see pc_bce.h): every scale in one launch each way.
+// Pivot-consistent BCE on CUDA (see pc_bce.h): every scale in two launches each way.
 //
-// One block per TILE_H x TILE_W tile of a prediction; the blocks of all scales
-// form one 1-D grid (each block finds its scale from the scales' first blocks).
-// The block computes the
-// shrunk mask G of its tile plus a halo of `radius` cells into shared memory
-// (each cell reads its s_y x s_x mask window once), finds the contour band with
-// two separable passes (row windows, then column windows, each an OR of "saw a
-// 0" / "saw a 1" bits), and then each thread handles one prediction pixel.
+// 1. pc_mask_bits_kernel reads the full-resolution mask once, for all scales,
+//    and writes its bits (pc_bits.h: 1[M > 0.5], one bit a pixel, 1/32 of a
+//    float32 mask's bytes): each warp turns 32-pixel runs of a row into words
+//    with __ballot_sync, its loads coalesced. The forward's also zeroes the
+//    stats kernel's block counter (no memset).
+// 2. The stats (forward) and backward kernels never read the mask: one block
+//    per TILE_H x TILE_W tile of a prediction; the blocks of all scales form one
+//    1-D grid (each block finds its scale from the scales' first blocks). The
+//    block computes the shrunk mask G of its tile plus a halo of `radius` cells
+//    into shared memory (each cell counts its s_y x s_x window in the bits with
+//    popcounts: s_y words for s_x <= 32 and aligned windows; the words come from
+//    L2, the bits of a B = 4, 512 x 512 batch being 128 KiB), finds the contour
+//    band with two separable passes (row windows, then column windows, each an
+//    OR of "saw a 0" / "saw a 1" bits), and then each thread handles one
+//    prediction pixel.
 // Forward: per-block partial sums (warp shuffles, fixed order) go to a buffer;
-// the last block to finish (an integer counter, zeroed by a memset before the
-// launch) adds them up per scale in float64 in a fixed order and turns them into
-// the loss: one launch, and the result is the same bit for bit from run to run
+// the last block to finish (an integer counter, zeroed by the bits kernel)
+// adds them up per scale in float64 in a fixed order and turns them into
+// the loss, and the result is the same bit for bit from run to run
 // (no float atomics; which block comes last changes nothing in the order of the
 // sums). Backward: one pass writing (sigmoid(z) - g) * (c_band [in E] + c_all),
 // the coefficients read from the stats and grad_loss on the device.
@@ -24,12 +32,13 @@
 
 #include "../dispatch.h"
 #include "../pc_bce.h"
+#include "../pc_bits.h"
 
 namespace ncl_fast {
 namespace {
 
 // 32 columns: a warp reads one row of logits, coalesced. 8 rows: 256 threads,
-// enough warps per block to hide the mask loads, and a halo overhead of
+// enough warps per block to hide the bits' loads, and a halo overhead of
 // (8 + 2r)(32 + 2r) / 256 = 1.6x cells at the default r = 2.
 constexpr int kTileW = 32;
 constexpr int kTileH = 8;
@@ -45,37 +54,66 @@ struct Strides {
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(2), t.stride(3)}; }
 
+// The mask's bits (pc_bits.h), (B * H, row_words) words. Warp w of the grid
+// makes the words of bits_run(w) (pc_bits.h: up to 32 words of one row): for
+// word j, lane l reads pixel run_pixel(run, j, l) (a coalesced load,
+// kBitsUnroll words in flight), the ballot of the 32 lanes is the word, and
+// lane j keeps word j, so that the warp's stores are coalesced too. zero_me (the
+// stats kernel's block counter, or null) is set to 0.
+constexpr int kBitsUnroll = 8;
+
+template <typename mask_t>
+__global__ void __launch_bounds__(kThreads)
+    pc_mask_bits_kernel(const mask_t* __restrict__ mask, Strides ms, int64_t height, int64_t width, int64_t rows,
+                        uint32_t* __restrict__ bits, unsigned int* zero_me) {
+  if (zero_me && blockIdx.x == 0 && threadIdx.x == 0) *zero_me = 0;
+  const int64_t warp = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t row_words = bit_row_words(width);
+  if (warp >= bits_runs(rows, row_words)) return;  // the whole warp: the ballots below see full warps only
+  const BitsRun run = bits_run(warp, row_words);
+  const mask_t* src = mask + mask_row_offset(run.row, height, ms.b, ms.y);
+  uint32_t mine = 0;
+  for (int j0 = 0; j0 < run.n_words; j0 += kBitsUnroll) {  // the same trip count for every lane
+    bool v[kBitsUnroll];
+#pragma unroll
+    for (int u = 0; u < kBitsUnroll; ++u) {
+      const int64_t x = run_pixel(run, j0 + u, lane);
+      v[u] = j0 + u < run.n_words && x < width && static_cast<float>(src[x * ms.x]) > 0.5f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBitsUnroll; ++u) {
+      const uint32_t word = __ballot_sync(0xffffffffu, v[u]);  // bit l = lane l's pixel
+      if (lane == j0 + u) mine = word;
+    }
+  }
+  if (lane < run.n_words) bits[run.row * row_words + run.word0 + lane] = mine;
+}
+
 // Fill sG ((kTileH + 2r) x (kTileW + 2r): 0, 1, or 2 outside the image) and
 // sH ((kTileH + 2r) x kTileW: bit 0 = a 0 in the row window, bit 1 = a 1).
-template <typename mask_t>
-__device__ __forceinline__ void load_tile(const mask_t* __restrict__ mask, Strides ms, const PcGeometry& g, int64_t b,
+__device__ __forceinline__ void load_tile(const uint32_t* __restrict__ bits, const PcGeometry& g, int64_t b,
                                           int64_t y0, int64_t x0, uint8_t* sG, uint8_t* sH) {
   const int r = static_cast<int>(g.radius);
   const int halo_w = kTileW + 2 * r, halo_h = kTileH + 2 * r;
-  const int64_t area = g.stride_y * g.stride_x;
-  const mask_t* mb = mask + b * ms.b;
+  const int64_t row_words = bit_row_words(g.width);
+  const uint32_t* image = bits + b * g.height * row_words;
   for (int i = threadIdx.x; i < halo_h * halo_w; i += kThreads) {
     const int64_t y = y0 - r + i / halo_w, x = x0 - r + i % halo_w;
     uint8_t v = 2;
-    if (y >= 0 && y < g.out_h && x >= 0 && x < g.out_w) {
-      int64_t count = 0;
-      for (int64_t dy = 0; dy < g.stride_y; ++dy) {
-        const mask_t* row = mb + (y * g.stride_y + dy) * ms.y + x * g.stride_x * ms.x;
-        for (int64_t dx = 0; dx < g.stride_x; ++dx) count += static_cast<float>(row[dx * ms.x]) > 0.5f;
-      }
-      v = 2 * count >= area;  // area mean >= 0.5, in integers
-    }
+    if (y >= 0 && y < g.out_h && x >= 0 && x < g.out_w)
+      v = cell_target(image, row_words, g.stride_y, g.stride_x, y, x);  // the cell's window, counted in the bits
     sG[i] = v;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < halo_h * kTileW; i += kThreads) {
     const int hy = i / kTileW, tx = i % kTileW;
-    uint8_t bits = 0;
+    uint8_t seen = 0;
     for (int dx = 0; dx <= 2 * r; ++dx) {
       const uint8_t v = sG[hy * halo_w + tx + dx];
-      bits |= v == 0 ? 1 : (v == 1 ? 2 : 0);
+      seen |= v == 0 ? 1 : (v == 1 ? 2 : 0);
     }
-    sH[i] = bits;
+    sH[i] = seen;
   }
   __syncthreads();
 }
@@ -84,9 +122,9 @@ __device__ __forceinline__ void load_tile(const mask_t* __restrict__ mask, Strid
 __device__ __forceinline__ void pixel_band(const PcGeometry& g, const uint8_t* sG, const uint8_t* sH, int ty, int tx,
                                            bool* band, uint8_t* gt) {
   const int r = static_cast<int>(g.radius);
-  uint8_t bits = 0;
-  for (int dy = 0; dy <= 2 * r; ++dy) bits |= sH[(ty + dy) * kTileW + tx];
-  *band = bits == 3;  // the clipped window holds a 0 and a 1: max != min
+  uint8_t seen = 0;
+  for (int dy = 0; dy <= 2 * r; ++dy) seen |= sH[(ty + dy) * kTileW + tx];
+  *band = seen == 3;  // the clipped window holds a 0 and a 1: max != min
   *gt = sG[(ty + r) * (kTileW + 2 * r) + tx + r];
 }
 
@@ -148,8 +186,8 @@ struct Pixel {
 
 // Every thread of the block: find the tile, build its G and band bits in shared
 // memory (synchronizes the block), then read this thread's pixel.
-template <typename scalar_t, typename mask_t>
-__device__ __forceinline__ Pixel visit_pixel(const Scales<scalar_t>& sc, const mask_t* __restrict__ mask, Strides ms,
+template <typename scalar_t>
+__device__ __forceinline__ Pixel visit_pixel(const Scales<scalar_t>& sc, const uint32_t* __restrict__ bits,
                                              uint8_t* smem) {
   Pixel px;
   int64_t y0, x0;
@@ -158,7 +196,7 @@ __device__ __forceinline__ Pixel visit_pixel(const Scales<scalar_t>& sc, const m
   const int r = static_cast<int>(g.radius);
   uint8_t* sG = smem;
   uint8_t* sH = smem + (kTileH + 2 * r) * (kTileW + 2 * r);
-  load_tile(mask, ms, g, px.b, y0, x0, sG, sH);
+  load_tile(bits, g, px.b, y0, x0, sG, sH);
   const int ty = threadIdx.x / kTileW, tx = threadIdx.x % kTileW;
   px.y = y0 + ty;
   px.x = x0 + tx;
@@ -222,16 +260,17 @@ __device__ __noinline__ void reduce_partials(const double* partials, const Reduc
 }
 
 // partials: (gridDim.x, 3) float64, written here; blocks_done: 0 at launch.
-// 6 blocks per SM (1536 threads): up to 40 registers, which ptxas
-// meets with no spills on sm_80 and sm_90 (8 blocks, 32 registers, spilled on sm_80).
-template <typename scalar_t, typename mask_t, typename loss_t>
-__global__ void __launch_bounds__(kThreads, 6)
-    pc_loss_stats_kernel(Scales<scalar_t> sc, const mask_t* __restrict__ mask, Strides ms, double* partials,
+// 5 blocks per SM (1280 threads): up to 48 registers. ptxas takes 46-48 on
+// sm_80 and 48 on sm_90, with no spills (bound to 6 blocks, 40 registers, the
+// cell counts in the bits spilled 28 B on sm_80).
+template <typename scalar_t, typename loss_t>
+__global__ void __launch_bounds__(kThreads, 5)
+    pc_loss_stats_kernel(Scales<scalar_t> sc, const uint32_t* __restrict__ bits, double* partials,
                          unsigned int* blocks_done, ReduceArgs ra, double mu, double* __restrict__ stats,
                          loss_t* __restrict__ loss) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
-  const Pixel px = visit_pixel(sc, mask, ms, smem);
+  const Pixel px = visit_pixel(sc, bits, smem);
   const Scale<scalar_t>& s = sc.s[px.scale];
   acc_t band_sum = 0, band_n = 0, total = 0;
   if (px.valid) {
@@ -274,14 +313,14 @@ __global__ void __launch_bounds__(kThreads, 6)
   reduce_partials(partials, ra, mu, stats, loss);
 }
 
-template <typename scalar_t, typename mask_t, typename loss_t>
+template <typename scalar_t, typename loss_t>
 __global__ void __launch_bounds__(kThreads) pc_loss_backward_kernel(Scales<scalar_t> sc,
-                                                                    const mask_t* __restrict__ mask, Strides ms,
+                                                                    const uint32_t* __restrict__ bits,
                                                                     const double* __restrict__ stats,
                                                                     const loss_t* __restrict__ grad_loss, double mu) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ uint8_t smem[];
-  const Pixel px = visit_pixel(sc, mask, ms, smem);
+  const Pixel px = visit_pixel(sc, bits, smem);
   if (!px.valid) return;
   const Scale<scalar_t>& s = sc.s[px.scale];
   const PcGeometry& g = s.g;
@@ -329,6 +368,23 @@ int64_t make_scales(at::TensorList logits, const std::vector<PcGeometry>& geoms,
   return blocks;
 }
 
+// The mask's bits on the device (pc_bits.h): (B, H, row_words) words; blocks_done
+// (or null) zeroed by the same launch.
+at::Tensor mask_bits_cuda(const at::Tensor& mask, unsigned int* blocks_done, cudaStream_t stream) {
+  const int64_t B = mask.size(0), H = mask.size(2), W = mask.size(3), row_words = bit_row_words(W);
+  auto bits = at::empty({B, H, row_words}, mask.options().dtype(at::kInt));
+  const int64_t rows = B * H;
+  const int64_t blocks = (bits_runs(rows, row_words) + kWarps - 1) / kWarps;
+  TORCH_CHECK_VALUE(blocks < (int64_t(1) << 31), "pc_loss (CUDA): the mask is too large for one launch");
+  NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss", [&] {
+    pc_mask_bits_kernel<mask_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        mask.data_ptr<mask_t>(), strides_of(mask), H, W, rows,
+        reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>()), blocks_done);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return bits;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pc_loss_fwd_cuda(at::TensorList logits, const at::Tensor& mask, double mu,
@@ -350,13 +406,11 @@ std::tuple<at::Tensor, at::Tensor> pc_loss_fwd_cuda(at::TensorList logits, const
     // (blocks, 3) partial sums, then one float64 slot whose first 4 bytes count the finished blocks
     auto partials = at::empty({blocks * 3 + 1}, logits[0].options().dtype(at::kDouble));
     auto* blocks_done = reinterpret_cast<unsigned int*>(partials.data_ptr<double>() + blocks * 3);
-    C10_CUDA_CHECK(cudaMemsetAsync(blocks_done, 0, sizeof(unsigned int), stream));
-    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_fwd", [&] {
-      pc_loss_stats_kernel<scalar_t, mask_t, loss_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-          sc, mask.data_ptr<mask_t>(), strides_of(mask), partials.data_ptr<double>(), blocks_done, ra, mu,
-          stats.data_ptr<double>(), loss.data_ptr<loss_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    const auto bits = mask_bits_cuda(mask, blocks_done, stream);  // also zeroes blocks_done
+    pc_loss_stats_kernel<scalar_t, loss_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+        sc, reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>()), partials.data_ptr<double>(), blocks_done,
+        ra, mu, stats.data_ptr<double>(), loss.data_ptr<loss_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
 }
@@ -381,11 +435,11 @@ std::vector<at::Tensor> pc_loss_bwd_cuda(const at::Tensor& grad_loss, at::Tensor
     const auto gl = grad_loss.to(c10::CppTypeToScalarType<loss_t>::value).contiguous();
     Scales<scalar_t> sc;
     const int64_t blocks = make_scales<scalar_t>(logits, geoms, &grads, &sc, nullptr);
-    NCL_FAST_DISPATCH_MASK(mask.scalar_type(), "pc_loss_bwd", [&] {
-      pc_loss_backward_kernel<scalar_t, mask_t, loss_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-          sc, mask.data_ptr<mask_t>(), strides_of(mask), st.data_ptr<double>(), gl.data_ptr<loss_t>(), mu);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    const auto bits = mask_bits_cuda(mask, nullptr, stream);
+    pc_loss_backward_kernel<scalar_t, loss_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+        sc, reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>()), st.data_ptr<double>(),
+        gl.data_ptr<loss_t>(), mu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grads;
 }

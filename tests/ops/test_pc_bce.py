@@ -50,6 +50,40 @@ def test_pc_bce_matches_oracle(impl, geom, radius, kind, gen):
     assert_rel_close(got, oracles.pc_bce(logits, mask, mu, radius))
 
 
+# Cells that straddle the 32-pixel words of the extension's mask bits (csrc/pc_bits.h): an odd
+# stride across word boundaries, strides wider than a word (a cell over 2-3 words), unequal row
+# and column strides, a last word of one pixel, and rows of more than 32 words (1,024 pixels),
+# which the bits kernel splits into runs of 32 words. (B, H, W, (s_y, s_x))
+WORD_GEOMETRIES = [(1, 6, 99, (3, 3)), (2, 4, 100, (2, 50)), (1, 9, 70, (3, 35)), (2, 3, 65, (1, 1)),
+                   (1, 4, 1090, (2, 5))]
+
+
+@pytest.mark.parametrize("geom", WORD_GEOMETRIES)
+@pytest.mark.parametrize("kind", ["blobs", "noise"])
+def test_pc_bce_cells_across_words(impl, geom, kind, gen):
+    B, H, W, (sy, sx) = geom
+    mask = random_mask(B, H, W, kind, gen)
+    logits = 3 * torch.randn(B, 1, H // sy, W // sx, generator=gen)
+    for radius in (0, 1):
+        assert_rel_close(impl.pc_bce(logits, mask, 0.8, radius), oracles.pc_bce(logits, mask, 0.8, radius))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.bool])
+def test_pc_loss_mask_dtypes_and_layouts(impl, dtype, gen):
+    """Three scales at once against one mask of every dtype the kernels read, contiguous and as
+    strided views (a column stride of H, a column stride of 2)."""
+    B, H, W = 2, 40, 72
+    mask = random_mask(B, H, W, "blobs", gen)
+    preds = [3 * torch.randn(B, 1, H // s, W // s, generator=gen) for s in (8, 4, 1)]
+    want = sum(oracles.pc_bce(z, mask, 0.9, 2) for z in preds)
+    typed = (mask * 255).to(dtype) if dtype == torch.uint8 else mask.to(dtype)
+    transposed = typed.transpose(2, 3).contiguous().transpose(2, 3)
+    wide = torch.zeros(B, 1, H, 2 * W, dtype=dtype)
+    wide[..., ::2] = typed
+    for m in (typed, transposed, wide[..., ::2]):
+        assert_rel_close(impl.pc_loss(preds, m, 0.9, 2), want)
+
+
 def test_pc_bce_one_pixel_mask(impl, gen):
     mask = torch.zeros(1, 1, 9, 11)
     mask[0, 0, 4, 5] = 1
