@@ -74,6 +74,11 @@ class _State:
 _state = _State()
 
 
+def launched() -> bool:
+    """Started as one of several processes (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup(device: str | None = None) -> Context:
     """Initialize the process group under torchrun (NCCL on GPUs, gloo on the CPU), the
     gloo group for control messages and the failure watch."""
@@ -247,22 +252,30 @@ def one_failure_ends_all(ctx: Context):
     except SystemExit:
         raise
     except BaseException as err:
-        code = 1 if isinstance(err, PeerFailed) else exit_code_of(err)
-        _state.code = code
-        end_with(code)
-        first = not isinstance(err, PeerFailed) and claim_failure(ctx.rank)
-        if first:
-            if isinstance(err, (cli.UsageError, cli.RunError)):
-                cli.error(str(err))
-            elif isinstance(err, KeyboardInterrupt):
-                note("\ninterrupted")
-            else:
-                traceback.print_exception(err)
+        if isinstance(err, PeerFailed):
+            end_job(ctx, 1, None)
+        if isinstance(err, (cli.UsageError, cli.RunError)):
+            show = lambda: cli.error(str(err))  # noqa: E731
+        elif isinstance(err, KeyboardInterrupt):
+            show = lambda: note("\ninterrupted")  # noqa: E731
         else:
-            origin = failed_rank()
-            who = f"process {origin}" if origin is not None else "another process"
-            note(f"process {ctx.rank} ends: {who} failed (its message says why)")
-        raise SystemExit(code) from None
+            show = lambda: traceback.print_exception(err)  # noqa: E731
+        end_job(ctx, exit_code_of(err), show)
+
+
+def end_job(ctx: Context, code: int, show) -> None:
+    """End this process with `code` (SystemExit) after a failure: `show()` says why when
+    this is the job's first failure (None: this process fails because another did);
+    otherwise one note names the process that failed first."""
+    _state.code = code
+    end_with(code)
+    if show is not None and claim_failure(ctx.rank):
+        show()
+    else:
+        origin = failed_rank()
+        who = f"process {origin}" if origin is not None else "another process"
+        note(f"process {ctx.rank} ends: {who} failed (its message says why)")
+    raise SystemExit(code) from None
 
 
 class FailureWatch(threading.Thread):

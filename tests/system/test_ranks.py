@@ -247,16 +247,7 @@ sys.exit(main())
 def test_two_nodes_with_their_own_homes_each_make_the_synthetic_set(tmp_path):
     script = tmp_path / "small_synth.py"
     script.write_text(SMALL_SYNTH)
-    port = str(free_port())
-    jobs = []
-    for node in (0, 1):
-        home = tmp_path / f"home{node}"
-        home.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, str(script),
-               *ARGS, "--epochs", "1", "--output_dir", str(tmp_path / f"out{node}")]
-        env = environment(HOME=str(home), NCL_FAST_SYNTH_DIR=None, XDG_CACHE_HOME=None)
-        jobs.append(Job(cmd, home, env))
+    jobs = two_nodes(tmp_path, [str(script)], *ARGS, "--epochs", "1", "--output_dir", str(tmp_path / "out"))
     codes = [job.end() for job in jobs]
     assert codes == [0, 0], "\n".join(job.output[-3000:] for job in jobs)
     for node in (0, 1):
@@ -266,7 +257,55 @@ def test_two_nodes_with_their_own_homes_each_make_the_synthetic_set(tmp_path):
     out = jobs[0].output
     assert "8 images, 2 steps/epoch x 1 epochs, batch 2 x 2 process(es)" in out
     assert "weights identical on all 2 processes" in out
-    assert load_checkpoint(tmp_path / "out0" / "checkpoint-0.pth")["global_step"] == 2
+    assert load_checkpoint(tmp_path / "out" / "checkpoint-0.pth")["global_step"] == 2
+
+
+def two_nodes(tmp_path, program: list[str], *args) -> list[Job]:
+    """Two torchrun "nodes" of one process each on this machine, over loopback, each
+    started in its own HOME (its working folder), with no NCL_FAST_SYNTH_DIR."""
+    port = str(free_port())
+    jobs = []
+    for node in (0, 1):
+        home = tmp_path / f"home{node}"
+        home.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *program, *args]
+        env = environment(HOME=str(home), NCL_FAST_SYNTH_DIR=None, XDG_CACHE_HOME=None)
+        jobs.append(Job(cmd, home, env))
+    return jobs
+
+
+@pytest.mark.slow
+def test_a_bad_option_on_one_node_ends_both_nodes_once(tmp_path, data):
+    """`--data_path` relative to each node's working folder: there on node 0, missing
+    on node 1. Node 1 says so once (exit 2); node 0, already waiting for it, ends too."""
+    import shutil
+
+    shutil.copytree(data, tmp_path / "home0" / "data")
+    jobs = two_nodes(tmp_path, ["-m", "ncl_fast.train"], *ARGS, "--epochs", "1", "--data_path",
+                     "data/train.json", "--output_dir", str(tmp_path / "out"))
+    for job in jobs:
+        job.end()
+    out = jobs[0].output + jobs[1].output
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] in jobs[1].output, out[-4000:]
+    assert out.count("--data_path data/train.json does not exist") == 1
+    assert "--data_path data/train.json does not exist" in jobs[1].output
+    assert exit_codes(jobs[1].output) == {1: 2}, jobs[1].output[-3000:]
+    assert exit_codes(jobs[0].output) == {0: 1}, jobs[0].output[-3000:]
+    assert "process 0 ends: process 1 failed" in jobs[0].output
+
+
+@pytest.mark.slow
+def test_a_bad_option_is_said_once_under_torchrun(tmp_path, data):
+    job = Job(torchrun("-m", "ncl_fast.train", *ARGS, "--epochs", "0", "--data_path", str(data / "train.json"),
+                       "--output_dir", str(tmp_path / "out")), tmp_path, environment())
+    job.end()
+    out = job.output
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert errors == ["python -m ncl_fast.train: error: argument --epochs: must be >= 1, got 0"], out[-4000:]
+    assert out.count("usage: python -m ncl_fast.train") == 1
+    assert exit_codes(out) == {0: 2, 1: 2}, out[-4000:]
 
 
 @pytest.mark.parametrize("value", ["", "   "])
