@@ -4,7 +4,9 @@ epoch, and the whole run with its checkpoints, evaluations and records.
 What a step asks of the host: moving the uint8 batch to the device, issuing the
 step, nothing else. The loss terms are summed on the device and read (one copy)
 every `log_every` steps; a stop (Ctrl-C, SIGTERM, `--max_steps`) is a flag seen at
-the next step boundary, where the state is that of a whole number of steps.
+the next step boundary, where the state is that of a whole number of steps. Under
+torchrun the processes combine their flags there (one all-reduce of three integers
+over a gloo group, on the CPU), so all of them stop after the same step.
 """
 from __future__ import annotations
 
