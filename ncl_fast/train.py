@@ -22,10 +22,13 @@ what to do.
 
 Exit status: 0 done, 1 failure at run time (a loss no longer finite, a file
 that cannot be written), 2 bad input, 130 interrupted by Ctrl-C and 143 by
-SIGTERM (after saving).
+SIGTERM (after saving). Under torchrun every process stops after the same
+step, and an error on one process ends all of them, said once.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 
 from . import cli, distributed
@@ -42,12 +45,38 @@ def build_parser():
 
 @cli.command
 def main(argv=None) -> int:
-    config = resolve(argv, build_parser())
+    config = resolve(argv, build_parser()) if not distributed.launched() else resolve_once(argv)
     if config.allow_large_images:
         allow_large_images()
     ctx = distributed.setup(config.device)
     try:
         return run_training(config, ctx)
+    finally:
+        distributed.teardown()
+
+
+def resolve_once(argv):
+    """`resolve` under torchrun, where every process checks the options: a problem is
+    said once for the job, and ends every process. Some checks depend on the node (a
+    relative or node-local path), so the other processes may be fine and already
+    waiting for this one: it joins them, then ends them all."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            config = resolve(argv, build_parser())
+    except SystemExit as err:  # argparse: the message is in `said`
+        if not err.code:
+            sys.stderr.write(said.getvalue())
+            raise
+        code, message = int(err.code), said.getvalue()
+    except cli.UsageError as err:
+        code, message = cli.USAGE, f"error: {err}\n"
+    else:
+        sys.stderr.write(said.getvalue())
+        return config
+    ctx = distributed.setup(None)
+    try:
+        distributed.end_job(ctx, code, lambda: sys.stderr.write(message))
     finally:
         distributed.teardown()
 

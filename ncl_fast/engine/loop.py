@@ -4,7 +4,9 @@ epoch, and the whole run with its checkpoints, evaluations and records.
 What a step asks of the host: moving the uint8 batch to the device, issuing the
 step, nothing else. The loss terms are summed on the device and read (one copy)
 every `log_every` steps; a stop (Ctrl-C, SIGTERM, `--max_steps`) is a flag seen at
-the next step boundary, where the state is that of a whole number of steps.
+the next step boundary, where the state is that of a whole number of steps. Under
+torchrun the processes combine their flags there (one all-reduce of three integers
+over a gloo group, on the CPU), so all of them stop after the same step.
 """
 from __future__ import annotations
 
@@ -117,6 +119,7 @@ class Trainer:
         self.warned_input_bound = False
         self.intervals = 0  # logging intervals this process has run
         self.unreadable = None  # what could not be read, when a training item failed
+        self.peer_unreadable = None  # the rank of another process that could not read a training item
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def checkpoint_bytes(self) -> int:
@@ -264,18 +267,23 @@ class Trainer:
         lr, t0, ran = None, time.perf_counter(), 0
         batches = iter(self.loader)
         try:
-            while self.step < self.steps_per_epoch and not self.stopping():
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except UnreadableItemError as err:  # a file that changed or vanished since the check
-                    self.unreadable = item_error(err)
-                    break
-                except RuntimeError:
-                    if self.stop.requested:  # a loader worker ended by the stop's signal: the stop decides
+            while self.step < self.steps_per_epoch and not self.max_steps_reached():
+                # a signal that arrives while this batch loads lets its step run (the stop is seen at the
+                # next boundary); one that arrived before skips the load
+                batch, signalled = None, self.stop.signum
+                if signalled is None:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
                         break
-                    raise
+                    except UnreadableItemError as err:  # a file that changed or vanished since the check
+                        self.unreadable = item_error(err)
+                    except RuntimeError:
+                        if not self.stop.requested:  # else a loader worker ended by the stop's signal
+                            raise
+                        signalled = self.stop.signum
+                if self.agree_to_stop(signalled):  # every process stops before the same step
+                    break
                 clock.waited()
                 image, mask, _ = to_model_input(batch, self.dev, channels_last=self.dev.type == "cuda")
                 lr = poly_lr(config.lr, self.global_step, self.total_steps)
@@ -311,9 +319,23 @@ class Trainer:
             record["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(self.dev) / 1e9
         return record
 
-    def stopping(self) -> bool:
-        return self.stop.requested or (self.config.max_steps is not None
-                                       and self.global_step >= self.config.max_steps)
+    def agree_to_stop(self, signalled: int | None = -1) -> bool:
+        """At a step boundary, on every process at once: does any process stop here (a
+        signal, `signalled` when given, else the one received so far; a training file it
+        could not read)? Then all of them do, with the same
+        exit status (SIGTERM's when any process got it, else SIGINT's). One all-reduce of
+        three integers over the gloo control group per step; alone, no communication."""
+        import signal
+
+        signalled = self.stop.signum if signalled == -1 else signalled  # default: the signal received so far
+        mine = [int(signalled == signal.SIGINT), int(signalled == signal.SIGTERM),
+                self.ctx.rank + 1 if self.unreadable else 0]
+        sigint, sigterm, unreadable = distributed.agree(mine, self.ctx)
+        if sigterm or sigint:
+            self.stop.adopt(signal.SIGTERM if sigterm else signal.SIGINT)
+        if unreadable and not self.unreadable:
+            self.peer_unreadable = unreadable - 1
+        return bool(sigint or sigterm or unreadable)
 
     def read_means(self) -> dict[str, float]:
         """The epoch's mean loss terms so far (a host read); exits 1 when one is not finite."""
@@ -402,7 +424,8 @@ class Trainer:
             "next_step": next_step, "rng": rng_state(), "epoch_partial": partial, "epoch_record": epoch_done,
         }
         try:
-            write_atomic(path, lambda f: torch.save(state, f))
+            with distributed.writing():
+                write_atomic(path, lambda f: torch.save(state, f))
         except OutputError as err:
             raise cli.RunError(f"{err}; free space or fix the folder, then continue from the newest checkpoint with "
                                f"--resume auto (the previous checkpoint is intact)") from None
@@ -440,6 +463,10 @@ class Trainer:
                     record = self.train_epoch(self.epoch)
                     if record is None:  # stopped part-way through the epoch
                         saved = self.save()
+                        distributed.sync(ctx)  # no process ends before rank 0 wrote the checkpoint
+                        if self.peer_unreadable is not None:
+                            raise distributed.PeerFailed(f"process {self.peer_unreadable} could not read a "
+                                                         f"training file")
                         if self.unreadable:
                             raise cli.RunError(
                                 f"cannot read {self.unreadable}; training stopped at epoch {self.epoch}, step "
@@ -451,11 +478,14 @@ class Trainer:
                     last_eval = self.end_epoch(record) or last_eval
                     self.model.train()
                     self.epoch, self.step = self.epoch + 1, 0
-                    if self.stopping():
+                    if self.max_steps_reached() or self.agree_to_stop():
+                        distributed.sync(ctx)
                         break
             finally:
                 self.close()
         if self.stop.requested:
+            if ctx.distributed:  # the checkpoint is written: from here a signal, or the teardown, ends the process
+                distributed.end_with(self.stop.exit_code)
             if ctx.is_main:
                 print(f"\ninterrupted by {self.stop.name}: saved {saved} (epoch {self.epoch}, {self.step} of {self.steps_per_epoch} "
                       f"steps done); continue with --resume auto", file=sys.stderr, flush=True)
@@ -504,17 +534,18 @@ def run_training(config: TrainConfig, ctx: distributed.Context) -> int:
     """Check the outputs (one run per folder) and the data, build the trainer, resume if
     asked, run; returns the exit status (bad input 2 and run-time failures 1, each with
     one `error:` line)."""
-    out_dir = cli.check_output_dir(config.output_dir, "--output_dir")
-    cli.check_output_dir(config.tensorboard_dir, "--log_dir" if config.log_dir else "--output_dir")
-    lock = FolderLock(out_dir)
-    try:
-        problem = claim_output_dir(config, out_dir, lock) if ctx.is_main else None
-        problem = distributed.gather_objects(problem, ctx)[0]  # every rank stops, or none
-        if problem:
-            raise cli.UsageError(problem)
-        return _run(config, ctx, out_dir)
-    finally:
-        lock.release()
+    with distributed.one_failure_ends_all(ctx):  # under torchrun: an error on any process ends every process
+        out_dir = cli.check_output_dir(config.output_dir, "--output_dir")
+        cli.check_output_dir(config.tensorboard_dir, "--log_dir" if config.log_dir else "--output_dir")
+        lock = FolderLock(out_dir)
+        try:
+            problem = claim_output_dir(config, out_dir, lock) if ctx.is_main else None
+            problem = distributed.gather_objects(problem, ctx)[0]  # every rank stops, or none
+            if problem:
+                raise cli.UsageError(problem)
+            return _run(config, ctx, out_dir)
+        finally:
+            lock.release()
 
 
 def claim_output_dir(config: TrainConfig, out_dir: Path, lock: FolderLock) -> str | None:
