@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+import types
 
 import pytest
 import torch
@@ -175,13 +176,19 @@ def test_the_gpu_monitor_samples_in_its_own_thread():
 
 @pytest.mark.slow
 def test_an_input_bound_run_says_so_once_with_the_fix(tmp_path, data, monkeypatch, capsys):
+    """A slow disk, on the loop's own clock: each item read moves that clock 5 s on,
+    far more than any step takes even on a loaded machine (a real sleep raced the step's
+    own time there)."""
     original = ForgeryDataset.__getitem__
+    waited = [0.0]
 
     def slow(self, index):
-        time.sleep(0.15)  # a slow disk: the tiny model's step takes far less
+        waited[0] += 5.0
         return original(self, index)
 
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + waited[0])
     monkeypatch.setattr(ForgeryDataset, "__getitem__", slow)
+    monkeypatch.setattr(records, "time", clock)
     assert run(tmp_path, data, "--epochs", "2", "--log_every", "1", test=False) == 0
     err = capsys.readouterr().err
     assert err.count("(input-bound)") == 1 and "raise --num_workers (now 0;" in err
