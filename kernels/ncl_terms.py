@@ -270,9 +270,10 @@ def ncl_terms_fwd(
 def _sim_bk(up: bool, channels_last: bool, patch: int) -> int:
     """K chunk of the similarity GEMM: 128 bytes of a patch's features, or half that for
     half features at p = 1 in NCHW, where a patch's values are a channel apart and load
-    as scalar gathers (the 64-wide chunk held 255 registers there)."""
+    as scalar gathers (the 64-wide chunk held 255 registers there), and for plain fp32
+    FMA (32 spilled on sm_80)."""
     if up:
-        return SIM_BK_F32
+        return SIM_BK_F32 // 2 if fp32_precision() == "ieee" else SIM_BK_F32
     return SIM_BK_HALF // 2 if patch == 1 and not channels_last else SIM_BK_HALF
 
 
