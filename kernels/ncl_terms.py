@@ -251,14 +251,14 @@ def ncl_terms_fwd(
                 num_stages=1,
             )
         if bounded_any:
-            # K chunks and stages as spill-free on sm_80 and sm_90 (plain fp32 FMA: 8-wide chunks)
+            # plain fp32 FMA: 8-wide K chunks (16 spilled on sm_80)
             ieee = up and precision == "ieee"
             _ncl_pair_fwd_kernel[(_grid_check(B * n_blocks_b, "the bounded forward"),)](
                 feat, perm, counts, nrm, sched[3], lse, w, part_b,
                 *fs, B, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_K=(BLOCK_K_F32_IEEE if ieee else BLOCK_K_F32_BOUNDED) if up else BLOCK_K, CHANNELS_LAST=cl,
-                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=NUM_WARPS, num_stages=3 if up else 2,
+                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=NUM_WARPS,
             )
         # one program per (image, anchor) walks at most L similarities in blocks of 256
         _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, terms, lsea, wa, part_s, part_b, plan, L, n_blocks_s,
