@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ncl_common import _anchor_coef, _d_offsets, _patch_offsets, _sigmoid, _softplus, _wide, _ws_ld
+from .ncl_common import _anchor_coef, _d_offsets, _is_stored, _patch_offsets, _sigmoid, _softplus, _wide, _ws_ld
 
 # Per-patch statistics: 8 patches x 512 values of D per step, so that ~4 programs
 # per SM keep enough loads in flight (one pass over the used patches).
@@ -30,11 +30,9 @@ def _ncl_stats_fwd_kernel(
     sa_ptr,  # (B, 2, L) fp32 out: s(a+, x), s(a-, x) by list position
     lse_ptr, w_ptr,  # (B, L) fp32 out: 0 at the positions the t1 kernels leave (not tampered rows of t1)
     nrma_ptr,  # (B, 2) fp32 out: |a+|, |a-|
-    plan_ptr,  # (B, 2) int64 out: workspace offset of the image's block (its slot), 1 if stored
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_ab, stride_ad, stride_nb, stride_nd,
     L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
-    slot,  # fp32 values of workspace per image
     BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -54,12 +52,7 @@ def _ncl_stats_fwd_kernel(
     not_t1_row = (pos >= n_p) | (n_p < 2) | (n_n < 1)
     tl.store(lse_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
     tl.store(w_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
-    if pid == 0:
-        # one slot per image: stored when the block fits the slot (always, below the cap)
-        size = tl.where((n_p >= 2) & (n_n >= 1), n_p.to(tl.int64) * _ws_ld(n_used), 0)
-        tl.store(plan_ptr + b * 2, b * slot)
-        tl.store(plan_ptr + b * 2 + 1, (size <= slot).to(tl.int64))
-    elif x0 >= n_used:  # no listed patch here (program 0 always runs: the anchors' norms)
+    if (pid != 0) & (x0 >= n_used):  # no listed patch here (program 0 always runs: the anchors' norms)
         zero = tl.zeros([BLOCK_X], dtype=tl.float32)
         tl.store(nrm_ptr + b * L + pos, zero, mask=in_list)
         tl.store(sa_ptr + b * 2 * L + pos, zero, mask=in_list)
@@ -100,26 +93,93 @@ def _ncl_stats_fwd_kernel(
 
 
 @triton.jit
+def _ncl_plan_kernel(
+    counts_ptr,  # (B, 3) int32: |P|, |N|, |K|
+    plan_ptr,  # (B, 3) int64 out: the image's slot offset in ws, 1 if its block is stored, K splits
+    sched_ptr,  # (SCHED_KINDS, B + 1) int32 out: per kind of work item, the images' prefix sums
+    B, slot,  # fp32 values of workspace per image
+    sim_target,  # similarity items wanted per image (split-K fills up to it)
+    SIM_BM: tl.constexpr, SIM_BN: tl.constexpr, SIM_SPLITS: tl.constexpr, ROWS_BM: tl.constexpr,
+    COEF_BM: tl.constexpr, COEF_BN: tl.constexpr, PAIR_BM: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The workspace plan and the work lists of the persistent kernels, in one program:
+    an image is stored when its block S (|P| rows of ld) fits its slot; its similarity
+    GEMM splits D into as many parts (at most SIM_SPLITS) as reach `sim_target` items
+    and whose partial blocks all fit the slot. Item counts per image (0 where t1 is
+    undefined or the image is not stored): kind 0 the similarity tiles x splits, kind 1
+    the row blocks of the row pass, kind 2 the tiles of the coefficient pass; then for
+    the bounded images, kind 3 the row blocks of the bounded forward (where t1 is
+    defined) and kind 4 the images themselves (1 each). The prefix sums run over the
+    batch in blocks of BLOCK_B (a cumsum each, no loop over images)."""
+    carry_sim = tl.zeros([], dtype=tl.int32)
+    carry_rows = tl.zeros([], dtype=tl.int32)
+    carry_coef = tl.zeros([], dtype=tl.int32)
+    carry_pair = tl.zeros([], dtype=tl.int32)
+    carry_bnd = tl.zeros([], dtype=tl.int32)
+    for kind in tl.static_range(5):
+        tl.store(sched_ptr + kind * (B + 1), carry_sim)
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        bm = bs < B
+        n_p = tl.load(counts_ptr + bs * 3, mask=bm, other=0)
+        n_n = tl.load(counts_ptr + bs * 3 + 1, mask=bm, other=0)
+        n_used = n_p + n_n
+        t1_ok = (n_p >= 2) & (n_n >= 1)
+        size = tl.where(t1_ok, n_p.to(tl.int64) * _ws_ld(n_used), 0)
+        stored = (size <= slot) & (slot > 0)
+        work = t1_ok & stored & bm
+        tiles = tl.cdiv(n_p, SIM_BM) * tl.cdiv(n_used, SIM_BN)
+        splits = tl.minimum(tl.maximum(tl.cdiv(sim_target, tl.maximum(tiles, 1)), 1), SIM_SPLITS)
+        splits = tl.maximum(tl.minimum(splits, (slot // tl.maximum(size, 1)).to(tl.int32)), 1)
+        tl.store(plan_ptr + bs * 3, bs.to(tl.int64) * slot, mask=bm)
+        tl.store(plan_ptr + bs * 3 + 1, stored.to(tl.int64), mask=bm)
+        tl.store(plan_ptr + bs * 3 + 2, splits.to(tl.int64), mask=bm)
+        n_sim = tl.where(work, tiles * splits, 0)
+        n_rows = tl.where(work, tl.cdiv(n_p, ROWS_BM), 0)
+        n_coef = tl.where(work, tl.cdiv(n_p, COEF_BM) * tl.cdiv(n_used, COEF_BN), 0)
+        tl.store(sched_ptr + 1 + bs, carry_sim + tl.cumsum(n_sim, 0), mask=bm)
+        tl.store(sched_ptr + (B + 1) + 1 + bs, carry_rows + tl.cumsum(n_rows, 0), mask=bm)
+        tl.store(sched_ptr + 2 * (B + 1) + 1 + bs, carry_coef + tl.cumsum(n_coef, 0), mask=bm)
+        bounded = (~stored) & bm
+        n_pair = tl.where(bounded & t1_ok, tl.cdiv(n_p, PAIR_BM), 0)
+        n_bnd = bounded.to(tl.int32)
+        tl.store(sched_ptr + 3 * (B + 1) + 1 + bs, carry_pair + tl.cumsum(n_pair, 0), mask=bm)
+        tl.store(sched_ptr + 4 * (B + 1) + 1 + bs, carry_bnd + tl.cumsum(n_bnd, 0), mask=bm)
+        carry_sim += tl.sum(n_sim, 0)
+        carry_rows += tl.sum(n_rows, 0)
+        carry_coef += tl.sum(n_coef, 0)
+        carry_pair += tl.sum(n_pair, 0)
+        carry_bnd += tl.sum(n_bnd, 0)
+
+
+@triton.jit
 def _ncl_anchor_fwd_kernel(
     sa_ptr, counts_ptr,
     terms_ptr,  # (B, 3) fp32 out: t1, t2, t3
     lsea_ptr, wa_ptr,  # (B, 2) fp32 out: lam+-, W+- (0 where undefined)
     part_s_ptr, part_b_ptr,  # (B, n_s), (B, n_b) fp32: the row blocks' sums of t1 (both paths)
+    plan_ptr,
     L, n_s, n_b,
-    BLOCK: tl.constexpr,
+    ROWS_BM: tl.constexpr, PAIR_BM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """t2 (program 0 of an image) and t3 (program 1); program 0 also closes t1 from the
-    row blocks' sums, in a fixed order."""
+    row blocks' sums, in a fixed order: the stored path's blocks that ran (the row pass
+    runs only the |P| / ROWS_BM blocks of stored images where t1 is defined), and the
+    |P| / PAIR_BM blocks of the bounded path (n_b = 0 when it was not launched)."""
     b = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)  # 0: a+ (positives P, negatives N); 1: a- (positives N, negatives P)
     if which == 0:
         t1 = tl.zeros([BLOCK], dtype=tl.float32)
-        for i0 in range(0, n_s, BLOCK):
+        n_p1 = tl.load(counts_ptr + b * 3)
+        t1_ok = (n_p1 >= 2) & (tl.load(counts_ptr + b * 3 + 1) >= 1)
+        n_s_b = tl.where(t1_ok & (_is_stored(plan_ptr, b) != 0), tl.cdiv(n_p1, ROWS_BM), 0)
+        for i0 in range(0, n_s_b, BLOCK):
             offs = i0 + tl.arange(0, BLOCK)
-            t1 += tl.load(part_s_ptr + b * n_s + offs, mask=offs < n_s, other=0.0)
-        for i0 in range(0, n_b, BLOCK):
+            t1 += tl.load(part_s_ptr + b * n_s + offs, mask=offs < n_s_b, other=0.0)
+        n_b_b = tl.where(t1_ok & (_is_stored(plan_ptr, b) == 0) & (n_b > 0), tl.cdiv(n_p1, PAIR_BM), 0)
+        for i0 in range(0, n_b_b, BLOCK):
             offs = i0 + tl.arange(0, BLOCK)
-            t1 += tl.load(part_b_ptr + b * n_b + offs, mask=offs < n_b, other=0.0)
+            t1 += tl.load(part_b_ptr + b * n_b + offs, mask=offs < n_b_b, other=0.0)
         n_pf = tl.load(counts_ptr + b * 3).to(tl.float32)
         # every part of an image whose t1 is undefined is 0
         tl.store(terms_ptr + b * 3, tl.sum(t1, axis=0) / tl.maximum(n_pf * (n_pf - 1.0), 1.0))

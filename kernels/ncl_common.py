@@ -46,6 +46,8 @@ NUM_WARPS = 4
 # Row stride of the workspace blocks, in fp32 values: rows (and blocks) start 16-byte
 # aligned, so that the backward's tiles of S load as 128-bit vectors.
 WS_ALIGN: tl.constexpr = tl.constexpr(4)
+# Columns of the plan (B, PLAN_COLS) int64: slot offset, stored, splits of the similarity GEMM.
+PLAN_COLS: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
@@ -101,26 +103,48 @@ def _ws_ld(n_used):
     """Row stride of an image's block S in the workspace: |P| + |N| rounded up to a
     multiple of WS_ALIGN fp32 (16-byte rows). Every block is |P| rows of it, so every
     block starts 16-byte aligned too (the plan's offsets are sums of block sizes)."""
-    return (n_used + (WS_ALIGN - 1)) // WS_ALIGN * WS_ALIGN
+    return tl.multiple_of((n_used + (WS_ALIGN - 1)) // WS_ALIGN * WS_ALIGN, WS_ALIGN)
 
 
 @triton.jit
 def _ws_block(ws_ptr, plan_ptr, b):
     """The image's block in the workspace; its offset is a multiple of WS_ALIGN, which
     the alignment analysis is told (with a 16-byte aligned `ws_ptr`: 128-bit accesses)."""
-    return ws_ptr + tl.multiple_of(tl.load(plan_ptr + b * 2), WS_ALIGN)
+    return ws_ptr + tl.multiple_of(tl.load(plan_ptr + b * PLAN_COLS), WS_ALIGN)
+
+
+@triton.jit
+def _is_stored(plan_ptr, b):
+    """1 when the image's block S is stored (the stored path runs it), else 0 (bounded)."""
+    return tl.load(plan_ptr + b * PLAN_COLS + 1)
+
+
+@triton.jit
+def _find_image(starts_ptr, t, B, LOG_B: tl.constexpr):
+    """The image whose work items hold item t of a persistent launch: the largest b with
+    starts[b] <= t (starts: B + 1 ascending prefix sums of the images' item counts, t <
+    starts[B]). A binary search: LOG_B = ceil(log2(B)) scalar loads, not a loop over B."""
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = lo + B
+    for _ in tl.static_range(LOG_B):
+        mid = (lo + hi) // 2
+        go = tl.load(starts_ptr + mid) <= t
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
 
 
 @triton.jit
 def _sim_tile(
     feat_b, poff_x, xmask, rn_x, poff_y, ymask, rn_y,
-    C, P_, D, stride_c, stride_y, stride_x, inv_tau,
+    C, P_, D, stride_c, stride_y, stride_x, inv_tau, k_lo, k_hi,
     BX: tl.constexpr, BY: tl.constexpr, BK: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """[BX, BY] similarities s_xy = <f_x, f_y> / (|f_x| |f_y|) / tau, over D in BK chunks."""
+    """[BX, BY] similarities s_xy = <f_x, f_y> / (|f_x| |f_y|) / tau, over D in BK chunks
+    (or their share over the values [k_lo, k_hi) of D: one part of a split K loop)."""
     acc = tl.zeros([BX, BY], dtype=tl.float32)
-    for k0 in range(0, D, BK):
+    for k0 in range(k_lo, k_hi, BK):
         k = k0 + tl.arange(0, BK)
         kmask = k < D
         d_off, _ = _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST)

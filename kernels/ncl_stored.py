@@ -3,41 +3,61 @@ S = [s_my] (m in P, y in P u N), |P| rows of |P|+|N| fp32 values (each row padde
 a multiple of WS_ALIGN values, so that rows and blocks start 16-byte aligned), lives
 in the op's workspace between the forward and the backward.
 
-* `_ncl_sim_kernel`: one tiled GEMM over (row tile x column tile) writes S;
-* `_ncl_rows_kernel`: one pass over S for the row log-sum-exps lam_m, W_m and t1;
-* `_ncl_grad_kernel`: the backward, parallel over (patch tile x chunk of D): for its
-  patches x it forms the coefficients dL/ds from S as it reads it, and accumulates
-  G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, the two GEMMs of the floor.
+Forward (persistent programs over the work lists of `_ncl_plan_kernel`: only items
+that have work, an item's image found by a binary search over the prefix sums):
 
-Work: one pass over the P x (P+N) block forward, two backward.
+* `_ncl_sim_kernel`: the similarity GEMM, one item per (split of D, row tile, column
+  tile) of S. An image whose tiles alone would leave SMs idle splits D into up to
+  SIM_SPLITS parts (as many as its slot holds blocks): each part writes its own
+  partial block, the row pass adds them in a fixed order (deterministic);
+* `_ncl_rows_kernel`: one item per block of ROWS_BM rows: adds the partial blocks
+  into S, then lam_m, W_m and the rows' share of t1.
+
+Backward:
+
+* `_ncl_coef_kernel` (persistent): one pass over S that writes the coefficients
+  G = dL/dS / k1 into a buffer of the workspace's layout (S stays as the forward left
+  it: a second backward of the same graph reads it again) (one exp per element: e = exp(s_my - lam_m) gives
+  -1/(1 + e) = -sigmoid(lam_m - s_mj) on tampered columns and W_m e on authentic ones;
+  the diagonal and the padding get 0), and the partial sums of sum_y G_my s_my (per
+  row, over a column tile) and sum_m G_mx s_mx (per column, over a row tile);
+* `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D): the two
+  plain GEMMs of the floor, G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
+  loops only load G and F, scale G by 1/|f| and multiply; then the anchors' share
+  and the normalization's backward. Programs are ordered row tile first, so that the
+  tiles of tampered rows (the longest: K = 2|P| + |N| against |P|) start first.
+
+Work: one pass over the P x (P+N) block forward, two GEMMs backward.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .ncl_common import (_d_offsets, _grad_out, _pair_terms, _patch_offsets, _row_setup, _sigmoid, _sim_tile,
-                         _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld)
+from .ncl_common import (_d_offsets, _find_image, _grad_out, _is_stored, _pair_terms, _patch_offsets, _row_setup,
+                         _sim_tile, _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
 
-# Similarity GEMM: 64 tampered rows (wgmma's M) x 32 columns per program, so that
-# the 15 %-area shapes (|P| ~ 93, |P| + |N| ~ 970, B = 4) give ~250 programs
-# (about 2 per SM on 132 SMs). K chunks: 64 half values or 32 fp32 values (128 B).
+# Similarity GEMM: 64 tampered rows (wgmma's M) x 32 columns per item, K chunks of 64
+# half values or 32 fp32 values (128 B). At most SIM_SPLITS parts of D per image, as
+# many as bring the batch to SIM_PER_SM items per SM (the plan kernel's choice).
 SIM_BM = 64
 SIM_BN = 32
 SIM_BK_HALF = 64
 SIM_BK_F32 = 32
 SIM_WARPS = 4
 SIM_STAGES = 3
-# Row pass over S: 16 rows x 128 columns per step.
+SIM_SPLITS = 8
+SIM_PER_SM = 4
+# Row pass over S: 16 rows x 128 columns per step (4 warps, 4 blocks per SM).
 ROWS_BM = 16
 ROWS_BC = 128
-# Backward: 64 patches x 64 values of D per program, 16 partners per step. At least
-# two blocks per SM on sm_80 and sm_90 (bench/kernel_report.py's "blocks/SM"):
-# bf16/fp16 run 8 warps within 128 registers (2 x 256 threads x 128 = the 64K register
-# file); fp32 (tf32x3: three products, split operands) runs 4 warps, one stage in
-# flight (sm_80's mma.sync needs up to 255 registers there: 2 blocks of 128 threads).
-# The price of the 64-wide chunks: each program reads S and forms its coefficients
-# for 64 values of D, twice as often as with 128 (the GEMMs' multiply-adds are equal).
+ROWS_PER_SM = 4
+# Coefficient pass: tiles of 16 rows x 128 columns of S (4 warps, about 100 registers).
+COEF_BM = 16
+COEF_BN = 128
+COEF_PER_SM = 4
+# Backward GEMMs: 64 patches x 64 values of D per program, 16 partners per step (8 for
+# fp32, tf32's native k). bf16/fp16 run 8 warps within 128 registers (two blocks per SM).
 GRAD_BX = 64
 GRAD_BY = 16
 GRAD_BD = 64
@@ -46,99 +66,179 @@ GRAD_STAGES = 2
 GRAD_MAXNREG = 128
 GRAD_WARPS_F32 = 4
 GRAD_STAGES_F32 = 1
-# fp32: 8 partners per step (tf32's native k): 168 registers on sm_80 instead of 249-255
-# (3 blocks per SM instead of 2; no spill at p = 1, where 16 spilled 4 B at 255), the
-# tiles of S still two 128-bit loads per row (bench/KERNEL_REPORT.md).
 GRAD_BY_F32 = 8
 
 
 @triton.jit
 def _ncl_sim_kernel(
     feat_ptr, perm_ptr, counts_ptr, nrm_ptr, plan_ptr,
-    ws_ptr,  # fp32 workspace out: S of each stored image, row-major (|P|, |P| + |N|)
+    sched_ptr,  # (B + 1,) int32: the images' prefix sums of similarity items
+    ws_ptr,  # fp32 workspace out: the partial blocks of S of each stored image
     stride_fb, stride_fc, stride_fy, stride_fx,
-    L, Q, C, P_: tl.constexpr, D, n_tn, inv_tau, eps,
+    B, L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    LOG_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    nprog = tl.num_programs(0)
     # int64 offsets where an image can span past 2^31 elements
     stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
-    tm = pid // n_tn
-    tn = pid % n_tn
-    n_p = tl.load(counts_ptr + b * 3)
-    n_n = tl.load(counts_ptr + b * 3 + 1)
-    n_used = n_p + n_n
-    stored = tl.load(plan_ptr + b * 2 + 1)
-    m0 = tm * BM
-    c0 = tn * BN
-    if (stored == 0) | (n_p < 2) | (n_n < 1) | (m0 >= n_p) | (c0 >= n_used):
-        return
-    feat_b = feat_ptr + b * stride_fb
-    perm_b = perm_ptr + b * L
-    rows = m0 + tl.arange(0, BM)
-    rmask = rows < n_p
-    cols = c0 + tl.arange(0, BN)
-    cmask = cols < n_used
-    poff_m = _patch_offsets(perm_b, rows, rmask, Q, P_, stride_fy, stride_fx)
-    poff_n = _patch_offsets(perm_b, cols, cmask, Q, P_, stride_fy, stride_fx)
-    rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=rmask, other=1.0), eps)
-    rn_n = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cmask, other=1.0), eps)
-    s = _sim_tile(feat_b, poff_m, rmask, rn_m, poff_n, cmask, rn_n, C, P_, D, stride_fc, stride_fy,
-                  stride_fx, inv_tau, BM, BN, BK, CHANNELS_LAST, UPCAST, PRECISION)
-    # rows of ld values; the padding columns [|P| + |N|, ld), which the backward loads
-    # within its 128-bit vectors (and discards), keep the workspace's zeros
-    ld = _ws_ld(n_used)
-    tl.store(_ws_block(ws_ptr, plan_ptr, b) + rows[:, None].to(tl.int64) * ld + cols[None, :], s,
-             mask=rmask[:, None] & cmask[None, :])
+    total = tl.load(sched_ptr + B)
+    for t in range(pid, total, nprog):
+        bi = _find_image(sched_ptr, t, B, LOG_B)
+        local = t - tl.load(sched_ptr + bi)
+        b = bi.to(tl.int64)
+        n_p = tl.load(counts_ptr + b * 3)
+        n_used = n_p + tl.load(counts_ptr + b * 3 + 1)
+        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        n_tn = tl.cdiv(n_used, BN)
+        n_tiles = tl.cdiv(n_p, BM) * n_tn
+        ks = local // n_tiles  # the part of D, slowest: concurrent items share its row tiles
+        tile = local % n_tiles
+        tm = tile // n_tn
+        tn = tile % n_tn
+        chunk = tl.cdiv(tl.cdiv(D, splits), BK) * BK
+        k_lo = ks * chunk
+        k_hi = tl.minimum(k_lo + chunk, D)
+        feat_b = feat_ptr + b * stride_fb
+        perm_b = perm_ptr + b * L
+        rows = tm * BM + tl.arange(0, BM)
+        rmask = rows < n_p
+        cols = tn * BN + tl.arange(0, BN)
+        cmask = cols < n_used
+        poff_m = _patch_offsets(perm_b, rows, rmask, Q, P_, stride_fy, stride_fx)
+        poff_n = _patch_offsets(perm_b, cols, cmask, Q, P_, stride_fy, stride_fx)
+        rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=rmask, other=1.0), eps)
+        rn_n = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cmask, other=1.0), eps)
+        s = _sim_tile(feat_b, poff_m, rmask, rn_m, poff_n, cmask, rn_n, C, P_, D, stride_fc, stride_fy,
+                      stride_fx, inv_tau, k_lo, k_hi, BM, BN, BK, CHANNELS_LAST, UPCAST, PRECISION)
+        # rows of ld values, partial block ks at ks |P| ld; the padding columns [|P| + |N|, ld)
+        # keep the workspace's zeros
+        ld = _ws_ld(n_used)
+        out = _ws_block(ws_ptr, plan_ptr, b) + ks.to(tl.int64) * n_p * ld
+        tl.store(out + rows[:, None].to(tl.int64) * ld + cols[None, :], s, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _sum_parts(ptrs, load_mask, store_mask, part_stride, splits):
+    """S over a tile: the partial blocks added in a fixed order, written back into
+    block 0 (which becomes S) where `store_mask` holds, when there is more than one.
+    Loads take whole aligned runs of 4 columns (`load_mask`: 128-bit vectors)."""
+    s = tl.load(ptrs, mask=load_mask, other=0.0)
+    if splits > 1:
+        for k in range(1, splits):
+            s += tl.load(ptrs + k * part_stride, mask=load_mask, other=0.0)
+        tl.store(ptrs, s, mask=store_mask)
+    return s
 
 
 @triton.jit
 def _ncl_rows_kernel(
     ws_ptr, plan_ptr, counts_ptr,
+    sched_ptr,  # (B + 1,) int32: the images' prefix sums of row blocks
     lse_ptr, w_ptr,  # (B, L) fp32 out: lam_m, W_m by position (tampered rows of stored images)
     part_ptr,  # (B, n_blocks) fp32 out: sum over the block's rows of sum_j softplus(lam_m - s_mj)
-    L, n_blocks,
-    BM: tl.constexpr, BC: tl.constexpr,
+    B, L, n_blocks,
+    BM: tl.constexpr, BC: tl.constexpr, LOG_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    n_p = tl.load(counts_ptr + b * 3)
-    n_n = tl.load(counts_ptr + b * 3 + 1)
-    n_used = n_p + n_n
-    stored = tl.load(plan_ptr + b * 2 + 1)
-    m0 = pid * BM
-    if (stored == 0) | (n_p < 2) | (n_n < 1) | (m0 >= n_p):
-        tl.store(part_ptr + b * n_blocks + pid, 0.0)
-        return
-    rows = m0 + tl.arange(0, BM)
-    rmask = rows < n_p
-    row_ptr = _ws_block(ws_ptr, plan_ptr, b) + rows.to(tl.int64) * _ws_ld(n_used)
-    # 1. lam_m: online, max-shifted log-sum-exp over the authentic columns; every
-    #    step holds a column (rows past |P| read 0 there), so the running max of every
-    #    row is finite and no lane forms -inf - -inf
-    run_max = tl.full([BM], float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros([BM], dtype=tl.float32)
-    for c0 in range(n_p, n_used, BC):
-        cols = c0 + tl.arange(0, BC)
-        cmask = cols < n_used
-        s = tl.load(row_ptr[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        s = tl.where(cmask[None, :], s, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
-        run_max = new_max
-    lse = run_max + tl.log(run_sum)
-    # 2. sum_j softplus(lam_m - s_mj) and W_m over the tampered columns j != m
-    term = tl.zeros([BM], dtype=tl.float32)
-    wsum = tl.zeros([BM], dtype=tl.float32)
-    for c0 in range(0, n_p, BC):
-        cols = c0 + tl.arange(0, BC)
-        ok = rmask[:, None] & (cols < n_p)[None, :] & (cols[None, :] != rows[:, None])
-        s = tl.load(row_ptr[:, None] + cols[None, :], mask=ok, other=0.0)
-        z = lse[:, None] - s
-        term, wsum = _pair_terms(z, ok, term, wsum)
-    _store_row_stats(lse_ptr, w_ptr, part_ptr, b, L, n_blocks, pid, rows, rmask, lse, wsum, term)
+    nprog = tl.num_programs(0)
+    total = tl.load(sched_ptr + B)
+    for t in range(pid, total, nprog):
+        bi = _find_image(sched_ptr, t, B, LOG_B)
+        blk = t - tl.load(sched_ptr + bi)
+        b = bi.to(tl.int64)
+        n_p = tl.load(counts_ptr + b * 3)
+        n_used = n_p + tl.load(counts_ptr + b * 3 + 1)
+        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        ld = _ws_ld(n_used)
+        part_stride = n_p.to(tl.int64) * ld
+        rows = blk * BM + tl.arange(0, BM)
+        rmask = rows < n_p
+        row_ptr = _ws_block(ws_ptr, plan_ptr, b) + rows.to(tl.int64) * ld
+        # 1. lam_m: online, max-shifted log-sum-exp over the authentic columns (from the
+        #    aligned column at or below |P|); every step holds a column (rows past |P|
+        #    read 0 there), so the running max of every row is finite and no lane forms
+        #    -inf - -inf
+        run_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+        run_sum = tl.zeros([BM], dtype=tl.float32)
+        for c0 in range(n_p // WS_ALIGN * WS_ALIGN, n_used, BC):
+            cols = c0 + tl.arange(0, BC)
+            cmask = (cols >= n_p) & (cols < n_used)
+            s = _sum_parts(row_ptr[:, None] + cols[None, :], rmask[:, None] & (cols < ld)[None, :],
+                           rmask[:, None] & cmask[None, :], part_stride, splits)
+            s = tl.where(cmask[None, :], s, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(s, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+            run_max = new_max
+        lse = run_max + tl.log(run_sum)
+        # 2. sum_j softplus(lam_m - s_mj) and W_m over the tampered columns j != m
+        term = tl.zeros([BM], dtype=tl.float32)
+        wsum = tl.zeros([BM], dtype=tl.float32)
+        for c0 in range(0, n_p, BC):
+            cols = c0 + tl.arange(0, BC)
+            inb = rmask[:, None] & (cols < n_p)[None, :]
+            s = _sum_parts(row_ptr[:, None] + cols[None, :], rmask[:, None] & (cols < ld)[None, :], inb,
+                           part_stride, splits)
+            ok = inb & (cols[None, :] != rows[:, None])
+            z = lse[:, None] - tl.where(ok, s, 0.0)
+            term, wsum = _pair_terms(z, ok, term, wsum)
+        _store_row_stats(lse_ptr, w_ptr, part_ptr, b, L, n_blocks, blk, rows, rmask, lse, wsum, term)
+
+
+@triton.jit
+def _ncl_coef_kernel(
+    ws_ptr,  # fp32 workspace: S of each stored image
+    g_ptr,  # fp32, the workspace's size and layout out: the coefficients G of each stored image
+    plan_ptr, counts_ptr,
+    sched_ptr,  # (B + 1,) int32: the images' prefix sums of coefficient tiles
+    lse_ptr, w_ptr,
+    rdot_ptr,  # (B, n_cn, L) fp32 out: sum over column tile j of G_my s_my, by row m
+    cdot_ptr,  # (B, n_cm, L) fp32 out: sum over row tile i of G_mx s_mx, by column x
+    B, L, n_cn, n_cm,
+    BM: tl.constexpr, BN: tl.constexpr, LOG_B: tl.constexpr,
+):
+    """G = dL/dS / k1 over one (row tile, column tile) of S per item:
+    G_mj = -sigmoid(lam_m - s_mj) (j in P, j != m), G_mi = W_m exp(s_mi - lam_m) (i in N),
+    0 on the diagonal and in the rows' padding."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    total = tl.load(sched_ptr + B)
+    for t in range(pid, total, nprog):
+        bi = _find_image(sched_ptr, t, B, LOG_B)
+        local = t - tl.load(sched_ptr + bi)
+        b = bi.to(tl.int64)
+        n_p = tl.load(counts_ptr + b * 3)
+        n_used = n_p + tl.load(counts_ptr + b * 3 + 1)
+        n_tn = tl.cdiv(n_used, BN)
+        tm = local // n_tn
+        tn = local % n_tn
+        ld = _ws_ld(n_used)
+        rows = tm * BM + tl.arange(0, BM)
+        rmask = rows < n_p
+        cols = tn * BN + tl.arange(0, BN)
+        offs = rows[:, None].to(tl.int64) * ld + cols[None, :]  # within the image's block
+        s_b = _ws_block(ws_ptr, plan_ptr, b)
+        g_b = _ws_block(g_ptr, plan_ptr, b)
+        inb = rmask[:, None] & (cols < ld)[None, :]  # whole aligned rows, padding included
+        s = tl.load(s_b + offs, mask=inb, other=0.0)
+        ok = rmask[:, None] & (cols < n_used)[None, :] & (rows[:, None] != cols[None, :])
+        s = tl.where(ok, s, 0.0)
+        lse = tl.load(lse_ptr + b * L + rows, mask=rmask, other=0.0)
+        w = tl.load(w_ptr + b * L + rows, mask=rmask, other=0.0)
+        # one exp per element; s - lam <= 0 on authentic columns, and the clamp keeps a
+        # tampered column with s far above lam (tau -> 0) finite: -1/(1 + e^80) ~ 0
+        e = tl.exp(tl.minimum(s - lse[:, None], 80.0))
+        if tn * BN >= n_p:  # authentic columns only: no division
+            g = w[:, None] * e
+        else:
+            g = tl.where((cols < n_p)[None, :], -1.0 / (1.0 + e), w[:, None] * e)
+        g = tl.where(ok, g, 0.0)
+        gs = g * s
+        tl.store(rdot_ptr + (b * n_cn + tn) * L + rows, tl.sum(gs, axis=1), mask=rmask)
+        tl.store(cdot_ptr + (b * n_cm + tm) * L + cols, tl.sum(gs, axis=0), mask=cols < n_used)
+        tl.store(g_b + offs, g, mask=inb)
 
 
 @triton.jit
@@ -147,24 +247,29 @@ def _ncl_grad_kernel(
     apos_ptr, aneg_ptr,
     perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
     gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
-    plan_ptr, ws_ptr,
+    plan_ptr, ws_ptr,  # the coefficients G of each stored image, in the workspace's layout (_ncl_coef_kernel)
+    rdot_ptr, cdot_ptr,  # the coefficient pass's partial sums (see _ncl_coef_kernel)
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    L, Q, C, P_: tl.constexpr, D, n_tx, inv_tau, eps,
-    BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    B, L, Q, C, P_: tl.constexpr, D, n_td, n_cn, n_cm, inv_tau, eps,
+    BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CM: tl.constexpr, CN: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr, IDX64: tl.constexpr,
+    CHECK_STORED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # program order: row tile (slowest), image, chunk of D (fastest)
+    td = pid % n_td
+    rest = pid // n_td
+    b = (rest % B).to(tl.int64)
+    tx = rest // B
     # int64 offsets where an image can span past 2^31 elements
     stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
     stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
     stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
-    if tl.load(plan_ptr + b * 2 + 1) == 0:  # the bounded kernel does this image
-        return
-    td = pid // n_tx
-    tx = pid % n_tx
+    if CHECK_STORED:  # both paths run in this batch: the bounded kernel does this image
+        if _is_stored(plan_ptr, b) == 0:
+            return
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_used = n_p + n_n
@@ -189,45 +294,44 @@ def _ncl_grad_kernel(
     if (n_p >= 2) & (n_n >= 1):
         ws_b = _ws_block(ws_ptr, plan_ptr, b)
         ld = _ws_ld(n_used)
-        # Tiles of S load as whole aligned runs of 4 columns (the rows' padding up to ld
-        # lies inside the block: 128-bit loads); the exact mask then selects the values.
-        # 1. x in P: sum_y dL/ds_xy hat f_y over y in P u N (row x of S)
+        # G loads as whole aligned runs of 4 columns (its padding columns are 0: 128-bit
+        # loads); the diagonal is 0 in G itself
+        # 1. x in P: sum_y G_xy hat f_y over y in P u N (row x of G)
         if x0 < n_p:
-            lse_x = tl.load(lse_ptr + b * L + rows, mask=x_is_p, other=0.0)
-            w_x = tl.load(w_ptr + b * L + rows, mask=x_is_p, other=0.0)
-            for iy in range(0, tl.cdiv(n_used, BY)):
-                cols = iy * BY + tl.arange(0, BY)
+            for y0 in range(0, n_used, BY):
+                cols = y0 + tl.arange(0, BY)
                 ymask = cols < n_used
-                ok = x_is_p[:, None] & ymask[None, :] & (rows[:, None] != cols[None, :])
-                s = tl.load(ws_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
+                g = tl.load(ws_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
                             mask=x_is_p[:, None] & (cols < ld)[None, :], other=0.0)
-                s = tl.where(ok, s, 0.0)
-                c = tl.where((cols < n_p)[None, :], -_sigmoid(lse_x[:, None] - s),
-                             w_x[:, None] * tl.exp(s - lse_x[:, None]))
-                c = tl.where(ok, c, 0.0)
-                pdot += tl.sum(c * s, axis=1)
                 rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=ymask, other=1.0), eps)
                 poff_y = _patch_offsets(perm_b, cols, ymask, Q, P_, stride_fy, stride_fx)
                 fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :],
                              other=0.0)
-                pair = tl.dot(c * rn_y[None, :], fy.to(tl.float32), pair, input_precision=PRECISION)
-        # 2. every x: sum_y dL/ds_yx hat f_y over y in P (column x of S)
-        for iy in range(0, tl.cdiv(n_p, BY)):
-            ys = iy * BY + tl.arange(0, BY)
-            ymask = ys < n_p
-            ok = ymask[:, None] & xmask[None, :] & (ys[:, None] != rows[None, :])
-            st = tl.load(ws_b + ys[:, None].to(tl.int64) * ld + rows[None, :],
-                         mask=ymask[:, None] & (rows < ld)[None, :], other=0.0)  # [BY, BX]
-            st = tl.where(ok, st, 0.0)
-            lse_y = tl.load(lse_ptr + b * L + ys, mask=ymask, other=0.0)
-            w_y = tl.load(w_ptr + b * L + ys, mask=ymask, other=0.0)
-            ct = tl.where(x_is_p[None, :], -_sigmoid(lse_y[:, None] - st), w_y[:, None] * tl.exp(st - lse_y[:, None]))
-            ct = tl.where(ok, ct, 0.0)
-            pdot += tl.sum(ct * st, axis=0)
-            rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ys, mask=ymask, other=1.0), eps)
-            poff_y = _patch_offsets(perm_b, ys, ymask, Q, P_, stride_fy, stride_fx)
-            fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :], other=0.0)
-            pair = tl.dot(tl.trans(ct * rn_y[:, None]), fy.to(tl.float32), pair, input_precision=PRECISION)
+                g = g * rn_y[None, :]
+                if HALF_COEF:  # both operands in the features' half type (bf16: the fp32 range)
+                    pair = tl.dot(g.to(fy.dtype), fy, pair)
+                else:
+                    pair = tl.dot(g, fy.to(tl.float32), pair, input_precision=PRECISION)
+        # 2. every x: sum_m G_mx hat f_m over m in P (column x of G)
+        for m0 in range(0, n_p, BY):
+            ms = m0 + tl.arange(0, BY)
+            mmask = ms < n_p
+            gt = tl.load(ws_b + ms[:, None].to(tl.int64) * ld + rows[None, :],
+                         mask=mmask[:, None] & (rows < ld)[None, :], other=0.0)  # [BY, BX]
+            rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ms, mask=mmask, other=1.0), eps)
+            poff_m = _patch_offsets(perm_b, ms, mmask, Q, P_, stride_fy, stride_fx)
+            fm = tl.load(feat_b + poff_m[:, None] + d_off[None, :], mask=mmask[:, None] & kdmask[None, :], other=0.0)
+            gt = gt * rn_m[:, None]
+            if HALF_COEF:
+                pair = tl.dot(tl.trans(gt.to(fm.dtype)), fm, pair)
+            else:
+                pair = tl.dot(tl.trans(gt), fm.to(tl.float32), pair, input_precision=PRECISION)
+        # <hat f_x, sum_y T_xy hat f_y> tau = sum_y T_xy s_xy: the coefficient pass's
+        # partial sums, added in a fixed order
+        for j in range(0, tl.cdiv(n_used, CN)):
+            pdot += tl.load(rdot_ptr + (b * n_cn + j) * L + rows, mask=x_is_p, other=0.0)
+        for i in range(0, tl.cdiv(n_p, CM)):
+            pdot += tl.load(cdot_ptr + (b * n_cm + i) * L + rows, mask=xmask, other=0.0)
         n_pf = n_p.to(tl.float32)
         k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
         pair = k1 * pair

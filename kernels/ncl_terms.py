@@ -8,7 +8,14 @@ forward saves for the backward (`NCLSaved`). The kernels, by algorithm:
   block S lives in a workspace between the forward and the backward;
 * `ncl_bounded.py`: the **bounded** algorithm: nothing of size L x L is kept.
 
-The path is chosen per image on the device (no host synchronization).
+The path is chosen per image on the device (no host synchronization); a path that
+no image can take, from L and the slot alone, is not launched (at the defaults, L <=
+4096, only the stored path's kernels run). The stored path's forward kernels and its
+coefficient pass are persistent: `_ncl_plan_kernel` (one program) writes the plan and
+per kind of work item the images' prefix sums (`NCLSaved.sched`); each program loops
+over items pid, pid + programs, ... of the batch's count, and finds an item's image by
+a binary search. The grid is SM count x programs per SM (at most the items' upper bound
+from B and L): no host synchronization, and no program placed on an image without work.
 
 The workspace holds one slot per image of min(L x ld(L), SIM_BUDGET) fp32 values
 (ld(L): L rounded up to WS_ALIGN; `SIM_BUDGET` in MiB per image, default 64, env
@@ -24,11 +31,13 @@ Precision. Similarities: bf16/fp16 features go to the tensor cores as they are
 (products exact in the fp32 accumulator); fp32 features use
 `FP32_DOT_PRECISION` (default "tf32x3", three tf32 products, near-fp32; "ieee"
 for plain fp32 FMA; env `NCL_FAST_FP32_DOT_PRECISION`). Backward GEMMs: the
-coefficients are fp32 values of order 1 (the factor k1 is applied after the
-product, so nothing underflows in any input dtype); they meet the features in
-`FP32_DOT_PRECISION` for fp32 features and as tf32 for bf16/fp16 features (which
-tf32 holds exactly; the coefficients lose their low 13 mantissa bits). Everything
-else is fp32.
+coefficients G are formed once, in fp32, as values of order 1 (the factor k1 is
+applied after the product, so nothing underflows in any input dtype); they meet the
+features in `FP32_DOT_PRECISION` for fp32 features, in bf16 for bf16 features (G / |f_y|
+rounded to bf16 in registers: a relative 2^-9 per coefficient, below the bf16
+gradient's own rounding; `HALF_COEF_DTYPES`), and as tf32 for fp16 features (which tf32
+holds exactly; the coefficients lose their low 13 mantissa bits; fp16 itself would
+lose relative precision below its normal range). Everything else is fp32.
 
 Tested on the CPU under TRITON_INTERPRET=1 (tests/ops/test_ncl_terms.py, both
 paths); `bench/kernel_report.py` compiles every kernel for sm_90 and sm_80 and
@@ -43,13 +52,14 @@ import torch
 import triton
 
 from .ncl_anchors import (ANCHOR_SPLITS, STATS_BK, STATS_BX, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
-                          _ncl_anchor_grad_kernel, _ncl_stats_fwd_kernel)
-from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_M, BLOCK_N,
-                          NUM_WARPS_BWD, _ncl_pair_bwd_kernel, _ncl_pair_fwd_kernel)
-from .ncl_common import EPS, NUM_WARPS, WS_ALIGN
-from .ncl_stored import (GRAD_BD, GRAD_BX, GRAD_BY, GRAD_BY_F32, GRAD_MAXNREG, GRAD_STAGES, GRAD_STAGES_F32,
-                         GRAD_WARPS, GRAD_WARPS_F32, ROWS_BC, ROWS_BM, SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BN,
-                         SIM_STAGES, SIM_WARPS, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel)
+                          _ncl_anchor_grad_kernel, _ncl_plan_kernel, _ncl_stats_fwd_kernel)
+from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_K_F32_IEEE, BLOCK_M,
+                          BLOCK_N, NUM_WARPS_BWD, _ncl_pair_bwd_kernel, _ncl_pair_fwd_kernel)
+from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
+from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, GRAD_BD, GRAD_BX, GRAD_BY, GRAD_BY_F32, GRAD_MAXNREG,
+                         GRAD_STAGES, GRAD_STAGES_F32, GRAD_WARPS, GRAD_WARPS_F32, ROWS_BC, ROWS_BM, ROWS_PER_SM,
+                         SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BN, SIM_PER_SM, SIM_SPLITS, SIM_STAGES, SIM_WARPS,
+                         _ncl_coef_kernel, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
@@ -75,6 +85,18 @@ def _upcast(feat: torch.Tensor) -> bool:
     return feat.dtype == torch.float32 or (INTERPRET and feat.dtype == torch.bfloat16)
 
 
+#: bf16 features meet the backward's coefficients in bf16 (both operands on the tensor
+#: cores at the half rate; bf16 keeps the fp32 exponent, and its 2^-9 relative rounding of
+#: each coefficient is below the bf16 gradient's own rounding and tests/tolerances.py's
+#: 1e-2). fp16 features keep fp32 coefficients in tf32 products: G / |f_y| can fall below
+#: fp16's normal range (6e-5), where fp16 loses relative precision.
+HALF_COEF_DTYPES = (torch.bfloat16,)
+
+
+def _half_coef(feat: torch.Tensor) -> bool:
+    return feat.dtype in HALF_COEF_DTYPES and not _upcast(feat)
+
+
 def fp32_precision() -> str:
     if FP32_DOT_PRECISION not in PRECISIONS:
         raise ValueError(
@@ -96,7 +118,8 @@ class NCLSaved(NamedTuple):
     w: torch.Tensor  # (B, L) fp32: W_m, likewise
     lsea: torch.Tensor  # (B, 2) fp32: lam+, lam-
     wa: torch.Tensor  # (B, 2) fp32: W+, W-
-    plan: torch.Tensor  # (B, 2) int64: the image's slot offset in ws, 1 if its block is stored
+    plan: torch.Tensor  # (B, 3) int64: the image's slot offset in ws, 1 if its block is stored, K splits
+    sched: torch.Tensor  # (SCHED_KINDS, B + 1) int32: the persistent kernels' work lists (prefix sums)
     ws: torch.Tensor  # (B x slot,) fp32: the similarity workspace (at least one value)
 
     @staticmethod
@@ -111,11 +134,37 @@ class NCLSaved(NamedTuple):
             w=torch.empty(B, L, **f32),
             lsea=torch.empty(B, 2, **f32),
             wa=torch.empty(B, 2, **f32),
-            plan=torch.empty(B, 2, dtype=torch.int64, device=device),
+            plan=torch.empty(B, PLAN_COLS.value, dtype=torch.int64, device=device),
+            sched=torch.empty(SCHED_KINDS, B + 1, dtype=torch.int32, device=device),
             # zeros: the blocks fill only part of each slot, and an output of the op must
             # hold defined values (one memset, B x slot x 4 bytes: 16.8 MB at stage 1)
             ws=torch.zeros(torch.sym_max(B * slot, 1), **f32),
         )
+
+
+#: Kinds of work item in `NCLSaved.sched` (see _ncl_plan_kernel): similarity tiles x splits,
+#: row blocks, coefficient tiles (stored path); row blocks, images (bounded path).
+SCHED_KINDS = 5
+#: SMs assumed under the interpreter (few: each persistent program then runs several items).
+INTERPRET_SMS = 2
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRET_SMS
+
+
+def _persistent(device: torch.device, per_sm: int, upper: int) -> int:
+    """Programs of a persistent launch: `per_sm` per SM, at most the items' upper bound
+    (from B and L: the grid never depends on the data, so there is no host sync). A
+    program whose first item is past the batch's count exits at once: the only idle
+    programs, where the count is below the grid."""
+    return max(1, min(upper, per_sm * _sm_count(device)))
+
+
+def _log2_ceil(n: int) -> int:
+    return max(0, (n - 1).bit_length())
 
 
 def workspace_slot(L):
@@ -163,43 +212,83 @@ def ncl_terms_fwd(
     slot = workspace_slot(L) if slot is None else slot
     saved = NCLSaved.empty(B, L, slot, dev)
     terms = torch.empty(B, 3, **f32)
-    n_tm, n_tn = triton.cdiv(L, SIM_BM), triton.cdiv(L, SIM_BN)
-    if n_tm * n_tn > 2**31 - 1:  # the stored path's grid would not fit: bounded path for every image
-        slot = 0
+    stored_any, bounded_any = _paths(L, slot)
     n_blocks_b = triton.cdiv(L, BLOCK_M)
     n_blocks_s = triton.cdiv(L, ROWS_BM)
-    part_b = torch.empty(B, n_blocks_b, **f32)
+    part_b = torch.empty(B, n_blocks_b if bounded_any else 1, **f32)
     part_s = torch.empty(B, n_blocks_s, **f32)
     fs = (feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3))
     cl = _layout(feat)
     up = _upcast(feat)
     wide = needs_64bit_offsets(feat, anchor_pos, anchor_neg)
     inv_tau = 1.0 / tau
-    nrm, nrma, sa, lse, w, lsea, wa, plan, ws = saved
+    log_b = _log2_ceil(B)
+    nrm, nrma, sa, lse, w, lsea, wa, plan, sched, ws = saved
     with _device_guard(feat):
+        # the plan and the work lists: one program (a cumsum over the batch per kind)
+        _ncl_plan_kernel[(1,)](
+            counts, plan, sched, B, slot if stored_any else 0, triton.cdiv(SIM_PER_SM * _sm_count(dev), B),
+            SIM_BM=SIM_BM, SIM_BN=SIM_BN, SIM_SPLITS=SIM_SPLITS, ROWS_BM=ROWS_BM, COEF_BM=COEF_BM, COEF_BN=COEF_BN,
+            PAIR_BM=BLOCK_M, BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=NUM_WARPS,
+        )
         _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
-            feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, lse, w, nrma, plan,
+            feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, lse, w, nrma,
             *fs, anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1),
-            L, Q, C, patch, D, inv_tau, EPS, slot,
+            L, Q, C, patch, D, inv_tau, EPS,
             BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, CHANNELS_LAST=cl, IDX64=wide, num_warps=NUM_WARPS,
         )
-        _ncl_sim_kernel[(n_tm * n_tn if slot > 0 else 1, B)](
-            feat, perm, counts, nrm, plan, ws,
-            *fs, L, Q, C, patch, D, n_tn, inv_tau, EPS,
-            BM=SIM_BM, BN=SIM_BN, BK=SIM_BK_F32 if up else SIM_BK_HALF, CHANNELS_LAST=cl,
-            UPCAST=up, PRECISION=precision, IDX64=wide, num_warps=SIM_WARPS, num_stages=SIM_STAGES,
-        )
-        _ncl_rows_kernel[(n_blocks_s, B)](ws, plan, counts, lse, w, part_s, L, n_blocks_s, BM=ROWS_BM, BC=ROWS_BC)
-        _ncl_pair_fwd_kernel[(n_blocks_b, B)](
-            feat, perm, counts, nrm, plan, lse, w, part_b,
-            *fs, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, CHANNELS_LAST=cl,
-            UPCAST=up, PRECISION=precision, IDX64=wide, num_warps=NUM_WARPS,
-        )
+        if stored_any:
+            # persistent programs over the work lists (items: see _ncl_plan_kernel)
+            sim_upper = B * triton.cdiv(L, SIM_BM) * triton.cdiv(L, SIM_BN) * SIM_SPLITS
+            _ncl_sim_kernel[(_persistent(dev, SIM_PER_SM, sim_upper),)](
+                feat, perm, counts, nrm, plan, sched[0], ws,
+                *fs, B, L, Q, C, patch, D, inv_tau, EPS,
+                BM=SIM_BM, BN=SIM_BN, BK=_sim_bk(up, cl, patch), CHANNELS_LAST=cl,
+                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=SIM_WARPS, num_stages=SIM_STAGES,
+            )
+            _ncl_rows_kernel[(_persistent(dev, ROWS_PER_SM, B * n_blocks_s),)](
+                ws, plan, counts, sched[1], lse, w, part_s, B, L, n_blocks_s, BM=ROWS_BM, BC=ROWS_BC, LOG_B=log_b,
+                num_stages=1,
+            )
+        if bounded_any:
+            # plain fp32 FMA: 8-wide K chunks (16 spilled on sm_80)
+            ieee = up and precision == "ieee"
+            _ncl_pair_fwd_kernel[(_grid_check(B * n_blocks_b, "the bounded forward"),)](
+                feat, perm, counts, nrm, sched[3], lse, w, part_b,
+                *fs, B, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_K=(BLOCK_K_F32_IEEE if ieee else BLOCK_K_F32_BOUNDED) if up else BLOCK_K, CHANNELS_LAST=cl,
+                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=NUM_WARPS,
+            )
         # one program per (image, anchor) walks at most L similarities in blocks of 256
-        _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, terms, lsea, wa, part_s, part_b, L, n_blocks_s, n_blocks_b,
+        _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, terms, lsea, wa, part_s, part_b, plan, L, n_blocks_s,
+                                       n_blocks_b if bounded_any else 0, ROWS_BM=ROWS_BM, PAIR_BM=BLOCK_M,
                                        BLOCK=256)
     return terms, saved
+
+
+def _sim_bk(up: bool, channels_last: bool, patch: int) -> int:
+    """K chunk of the similarity GEMM: 128 bytes of a patch's features, or half that for
+    half features at p = 1 in NCHW, where a patch's values are a channel apart and load
+    as scalar gathers (the 64-wide chunk held 255 registers there), and for plain fp32
+    FMA (32 spilled on sm_80)."""
+    if up:
+        return SIM_BK_F32 // 2 if fp32_precision() == "ieee" else SIM_BK_F32
+    return SIM_BK_HALF // 2 if patch == 1 and not channels_last else SIM_BK_HALF
+
+
+def _paths(L: int, slot: int) -> tuple[bool, bool]:
+    """Which paths can run at all, from L and the slot alone (no data, no host sync): the
+    stored path when a slot exists, the bounded path when a block S can outgrow the slot
+    (|P| rows of ld(|P| + |N|) <= L x ld(L)). A path that cannot run is not launched."""
+    stored = slot > 0
+    bounded = not stored or slot < L * _ld(L)
+    return stored, bounded
+
+
+def _ld(n: int) -> int:
+    align = WS_ALIGN.value
+    return (n + align - 1) // align * align
 
 
 def ncl_terms_bwd(
@@ -216,11 +305,13 @@ def ncl_terms_bwd(
 ):
     """Gradients `(d feat, d anchor_pos, d anchor_neg)` from what the forward saved.
     `d feat` has `empty_like(feat)`'s strides, the anchors' gradients are contiguous."""
-    nrm, nrma, sa, lse, w, lsea, wa, plan, ws = saved
+    nrm, nrma, sa, lse, w, lsea, wa, plan, sched, ws = saved
     B, C = feat.shape[:2]
     R, Q = grid_rq
     L = R * Q
     D = C * patch * patch
+    # the slot (a multiple of WS_ALIGN values) from the workspace's size: B x slot, or 1 value
+    stored_any, bounded_any = _paths(L, ws.numel() // B if ws.numel() >= WS_ALIGN.value else 0)
     gout = grad_terms.to(torch.float32).contiguous()
     # every covered cell is written by the kernels (contour patches get zeros);
     # only the cells no whole patch covers are zeroed here
@@ -241,24 +332,39 @@ def ncl_terms_bwd(
     inv_tau = 1.0 / tau
     common = (perm, counts, nrm, nrma, sa, lse, w, lsea, wa, gout, plan)
     with _device_guard(feat):
-        n_tx, n_td = triton.cdiv(L, GRAD_BX), triton.cdiv(D, GRAD_BD)
-        _ncl_grad_kernel[(_grid_check(n_tx * n_td, "the backward"), B)](
-            feat, grad_feat, anchor_pos, anchor_neg, *common, ws,
-            *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
-            BX=GRAD_BX, BY=GRAD_BY_F32 if up else GRAD_BY, BD=GRAD_BD, CHANNELS_LAST=cl,
-            PRECISION=precision if up else "tf32", IDX64=wide, num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
-            num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
-        )
-        bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
-        n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, bd)
-        _ncl_pair_bwd_kernel[(_grid_check(n_tx * n_td, "the bounded backward"), B)](
-            feat, grad_feat, anchor_pos, anchor_neg, *common,
-            *fs, *gs, *as_, L, Q, C, patch, D, n_tx, inv_tau, EPS,
-            BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K_F32_BOUNDED if up else BLOCK_K, BLOCK_D=bd, CHANNELS_LAST=cl,
-            UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32", IDX64=wide,
-            num_warps=NUM_WARPS_BWD,
-            num_stages=2 if up else 3,
-        )
+        if stored_any:
+            # 1. G = dL/dS / k1 from S, and the partial sums of sum_y G s
+            n_cn, n_cm = triton.cdiv(L, COEF_BN), triton.cdiv(L, COEF_BM)
+            rdot = torch.empty(B, n_cn, L, dtype=torch.float32, device=feat.device)
+            cdot = torch.empty(B, n_cm, L, dtype=torch.float32, device=feat.device)
+            gws = torch.empty_like(ws)  # G, in S's layout (every value read is written first)
+            _ncl_coef_kernel[(_persistent(feat.device, COEF_PER_SM, B * n_cn * n_cm),)](
+                ws, gws, plan, counts, sched[2], lse, w, rdot, cdot, B, L, n_cn, n_cm,
+                BM=COEF_BM, BN=COEF_BN, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
+            )
+            # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
+            n_tx, n_td = triton.cdiv(L, GRAD_BX), triton.cdiv(D, GRAD_BD)
+            _ncl_grad_kernel[(_grid_check(n_tx * B * n_td, "the backward"),)](
+                feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot,
+                *fs, *gs, *as_, B, L, Q, C, patch, D, n_td, n_cn, n_cm, inv_tau, EPS,
+                BX=GRAD_BX, BY=GRAD_BY_F32 if up else GRAD_BY, BD=GRAD_BD, CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl,
+                PRECISION=precision if up else "tf32", HALF_COEF=_half_coef(feat), IDX64=wide,
+                CHECK_STORED=bounded_any, num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
+                num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
+            )
+        if bounded_any:
+            bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
+            # plain fp32 FMA: 8-wide K chunks and 4 warps (spill-free on sm_80 and sm_90)
+            ieee = up and precision == "ieee"
+            bk = (BLOCK_K_F32_IEEE if ieee else BLOCK_K_F32_BOUNDED) if up else BLOCK_K
+            n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, bd)
+            _ncl_pair_bwd_kernel[(_grid_check(B * n_tx * n_td, "the bounded backward"),)](
+                feat, grad_feat, anchor_pos, anchor_neg, *common, sched[4],
+                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx, n_td, inv_tau, EPS,
+                BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=bk, BLOCK_D=bd,
+                CHANNELS_LAST=cl, UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32",
+                IDX64=wide, LOG_B=_log2_ceil(B), num_warps=4 if ieee else NUM_WARPS_BWD, num_stages=2 if up else 3,
+            )
         n_td = triton.cdiv(D, BLOCK_D)
         rows_per_split = triton.cdiv(triton.cdiv(L, ANCHOR_SPLITS), BLOCK_M) * BLOCK_M
         part = torch.empty(B, ANCHOR_SPLITS, 2, D, dtype=torch.float32, device=feat.device)

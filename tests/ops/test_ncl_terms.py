@@ -296,7 +296,7 @@ def test_mixed_batch_stores_what_fits(gen, monkeypatch):
     monkeypatch.setattr(k, "SIM_BUDGET", 200 * 4 / 2**20)  # MiB
     assert k.workspace_slot(36) == 200
     terms, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
-    assert plan.tolist() == [[0, 1], [200, 0], [400, 1]]
+    assert plan[:, :2].tolist() == [[0, 1], [200, 0], [400, 1]]
     check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
     grad_out = torch.rand(3, 3, generator=gen) + 0.5
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
@@ -319,7 +319,7 @@ def test_workspace_blocks_are_16_byte_aligned(gen, monkeypatch):
         for np_, nn in sizes
     ])
     _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
-    assert plan.tolist() == [[b * 36 * 36, 1] for b in range(4)]  # one slot of L x ld(L) per image
+    assert plan[:, :2].tolist() == [[b * 36 * 36, 1] for b in range(4)]  # one slot of L x ld(L) per image
     # odd L and caps that are no multiple of 16 bytes: every slot is still a multiple of 4 values
     for budget in (BUDGETS["stored"], 1e-3, 7e-5):
         monkeypatch.setattr(k, "SIM_BUDGET", budget)
@@ -350,7 +350,7 @@ def test_backward_reads_no_value_from_the_row_padding(gen, monkeypatch):
     _, saved = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (8, 8), 0.1)
     plan, ws = saved.plan, saved.ws
     assert plan[:, 1].tolist() == [1, 1]
-    for (np_, nn), (off, _) in zip(sizes, plan.tolist()):
+    for (np_, nn), (off, _, _) in zip(sizes, plan.tolist()):
         ld = -(-(np_ + nn) // 4) * 4
         ws[off: off + np_ * ld].view(np_, ld)[:, np_ + nn:] = float("nan")
     grad_out = torch.rand(2, 3, generator=gen) + 0.5
@@ -552,3 +552,78 @@ def test_several_row_tiles_and_chunks_of_d(path, dtype, gen, monkeypatch):
     check_grads(grads, want, dtype)
     _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
     assert plan[:, 1].tolist() == ([1, 1] if path == "stored" else [0, 0])
+
+
+@pytest.mark.parametrize("sms", [1, 64], ids=["few-programs", "split-k"])
+def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
+    # The stored path's persistent kernels over a batch that mixes every regime: several
+    # row and column tiles (|P| > 64, |P| + |N| > 128: several items of the similarity GEMM,
+    # the row pass and the coefficient pass), |P| = 1 (t1 undefined, t2 and t3 defined),
+    # |N| = 0 (no term defined), and an image of contour patches only. "few-programs": one
+    # SM's worth of programs, each running many items (and finding their images); "split-k":
+    # enough SMs that every image with t1 splits D into several parts (partial blocks added
+    # by the row pass). D = 68 gives three 32-wide K chunks (fp32).
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+    monkeypatch.setattr(k, "INTERPRET_SMS", sms)
+    L = 17 * 17
+    shape = (5, 17, 34, 34, 2)
+    feat, _, a_pos, a_neg = make_case(shape, "blobs", gen)
+    n_p = int(torch.randint(70, 100, (), generator=gen))
+    sizes = [(n_p, 160), (1, 200), (40, 0), (0, 0), (3, 9)]  # (|P|, |N|), the rest contour
+    labels = torch.stack([
+        torch.tensor([1] * p_ + [0] * n_ + [2] * (L - p_ - n_), dtype=torch.uint8)[torch.randperm(L, generator=gen)]
+        for p_, n_ in sizes
+    ])
+    tau = float(torch.empty(()).uniform_(0.07, 0.2, generator=gen))
+    grad_out = torch.rand(5, 3, generator=gen) + 0.5
+    got, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, tau, grad_out)
+    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2, tau), *SAME_VALUES[torch.float32])
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, tau, grad_out)
+    check_grads(grads, want, torch.float32)
+    _, plan, _ = _fwd_plan(feat, labels, a_pos, a_neg, 2)
+    splits = plan[:, 2].tolist()
+    if sms == 64:
+        assert splits[0] > 1 and splits[4] > 1, splits
+    else:
+        assert splits[0] == 1, splits
+
+
+def test_half_coefficients_path(gen, monkeypatch):
+    # The backward's coefficients in the features' half type (bf16 on a GPU; run here with
+    # fp16, whose tensor-core dots the interpreter computes as the GPU does), several tiles.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+    monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
+    assert k._half_coef(torch.empty(0, dtype=torch.float16))
+    shape = (2, 17, 34, 34, 2)
+    feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=torch.float16)
+    labels = torch.stack([
+        torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]
+        for p_ in (int(torch.randint(70, 140, (), generator=gen)), 90)
+    ])
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    check_grads(grads, want, torch.float16)
+
+
+def test_second_backward_of_one_graph(gen, monkeypatch):
+    # The coefficients go to their own buffer: S is left as the forward wrote it, so a
+    # second backward through the same graph (retain_graph) gives the same gradients.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+    feat, _, a_pos, a_neg = make_case((2, 3, 12, 12, 2), "blobs", gen)
+    pattern = torch.tensor([1] * 9 + [0] * 20 + [2] * 7, dtype=torch.uint8)  # every term defined
+    labels = torch.stack([pattern[torch.randperm(36, generator=gen)] for _ in range(2)])
+    leaf = feat.clone().requires_grad_()
+    terms = functional.ncl_terms(leaf, labels, a_pos, a_neg, 2, impl="triton")
+    first, = torch.autograd.grad(terms.sum(), leaf, retain_graph=True)
+    second, = torch.autograd.grad(terms.sum(), leaf)
+    assert torch.equal(first, second) and first.abs().sum() > 0
