@@ -99,13 +99,14 @@ def _ncl_plan_kernel(
     sched_ptr,  # (SCHED_KINDS, B + 1) int32 out: per kind of work item, the images' prefix sums
     B, slot,  # fp32 values of workspace per image
     sim_target,  # similarity items wanted per image (split-K fills up to it)
+    n_k,  # the similarity GEMM's K chunks over D (cdiv(D, BK)): no part of D is left empty
     SIM_BM: tl.constexpr, SIM_BN: tl.constexpr, SIM_SPLITS: tl.constexpr, ROWS_BM: tl.constexpr,
     COEF_BM: tl.constexpr, COEF_BN: tl.constexpr, PAIR_BM: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """The workspace plan and the work lists of the persistent kernels, in one program:
     an image is stored when its block S (|P| rows of ld) fits its slot; its similarity
     GEMM splits D into as many parts (at most SIM_SPLITS) as reach `sim_target` items
-    and whose partial blocks all fit the slot. Item counts per image (0 where t1 is
+    and whose partial blocks all fit the slot, with no part of D left empty. Item counts per image (0 where t1 is
     undefined or the image is not stored): kind 0 the similarity tiles x splits, kind 1
     the row blocks of the row pass, kind 2 the tiles of the coefficient pass; then for
     the bounded images, kind 3 the row blocks of the bounded forward (where t1 is
@@ -131,6 +132,9 @@ def _ncl_plan_kernel(
         tiles = tl.cdiv(n_p, SIM_BM) * tl.cdiv(n_used, SIM_BN)
         splits = tl.minimum(tl.maximum(tl.cdiv(sim_target, tl.maximum(tiles, 1)), 1), SIM_SPLITS)
         splits = tl.maximum(tl.minimum(splits, (slot // tl.maximum(size, 1)).to(tl.int32)), 1)
+        # as many parts as the chunks split into with none empty: each part takes cdiv(n_k, splits) chunks
+        splits = tl.minimum(splits, n_k)
+        splits = tl.cdiv(n_k, tl.cdiv(n_k, splits))
         tl.store(plan_ptr + bs * 3, bs.to(tl.int64) * slot, mask=bm)
         tl.store(plan_ptr + bs * 3 + 1, stored.to(tl.int64), mask=bm)
         tl.store(plan_ptr + bs * 3 + 2, splits.to(tl.int64), mask=bm)

@@ -228,6 +228,7 @@ def ncl_terms_fwd(
         # the plan and the work lists: one program (a cumsum over the batch per kind)
         _ncl_plan_kernel[(1,)](
             counts, plan, sched, B, slot if stored_any else 0, triton.cdiv(SIM_PER_SM * _sm_count(dev), B),
+            triton.cdiv(D, _sim_bk(up, cl, patch)),
             SIM_BM=SIM_BM, SIM_BN=SIM_BN, SIM_SPLITS=SIM_SPLITS, ROWS_BM=ROWS_BM, COEF_BM=COEF_BM, COEF_BN=COEF_BN,
             PAIR_BM=BLOCK_M, BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=NUM_WARPS,
         )

@@ -587,6 +587,8 @@ def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
     splits = plan[:, 2].tolist()
     if sms == 64:
         assert splits[0] > 1 and splits[4] > 1, splits
+        n_k = -(-68 // 32)  # the K chunks of D: every part takes cdiv(n_k, splits) of them, none is empty
+        assert all((s - 1) * -(-n_k // s) < n_k for s in splits), splits
     else:
         assert splits[0] == 1, splits
 
