@@ -389,15 +389,17 @@ def main() -> None:
                      "blocks/SM (static smem only)"], ext_rows))
     import work_model
 
-    from ncl_fast.kernels import ncl_terms as kn
-
-    for dname, esize in (("bf16", 2), ("fp32", 4)):
-        for c in ((93, 877, 54), (300, 650, 74)):
-            stored_all = c[0] * work_model.ws_ld(c[0], c[1]) <= kn.workspace_slot(1024)
+    print("\nThe work model (bench/work_model.py) at the H200's peaks: "
+          f"HBM {work_model.HBM_BW / 1e12:.1f} TB/s, L2 {work_model.L2_BW / 1e12:.1f} TB/s (a lead), "
+          "multiply-adds/s " + ", ".join(f"{c} {r / 1e12:.1f} T" for c, r in work_model.MAC_RATE.items())
+          + f", SFU {work_model.SFU_RATE / 1e12:.2f} T/s")
+    for dname, esize, prec in work_model.DTYPES:
+        for c in work_model.MASKS:
             print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
-                  f"[|P|, |N|, |K|] = {list(c)} per image"
-                  + ("" if stored_all else " (every block assumed stored; the default workspace holds fewer)"))
-            print(work_model.report([c] * 4, 1024, 4096, esize, fp32=esize == 4))
+                  f"[|P|, |N|, |K|] = {list(c)} per image")
+            print(work_model.report([c] * 4, 1024, 4096, esize, prec))
+    print("\nEvery stage (B = 4, 512 x 512 px):")
+    print(work_model.stage_table())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": rows, "cuda": ext_rows, "problems": problems}, f, indent=1)
