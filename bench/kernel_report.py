@@ -17,8 +17,14 @@ shared memory, as CUDA's occupancy calculator counts them).
   that Triton ships.
 * The extension's CUDA kernels: `nvcc -Xptxas -v` for sm_80 and sm_90.
 
-Run: python bench/kernel_report.py [--arch 90,80] [--no-cuda-ext] [--json out.json] [--load-lines KERNEL]
-Exit status 1 if a kernel fails to compile or a default variant spills.
+Variants: p = 8, 4 and 1 (the paper's stages 1 and 2, a ViT-B token map), fp32 (tf32x3 and
+ieee dots), bf16 and fp16, contiguous and channels_last, sm_90 and sm_80 (`--subset`: the
+representative variants of SUBSET, which tests/system/test_kernel_report.py compiles).
+
+Run: python bench/kernel_report.py [--arch 90,80] [--subset] [--jobs N] [--no-cuda-ext] [--json out.json]
+     [--load-lines KERNEL]
+Exit status 1 if a kernel fails to compile or any variant spills (the test holds the
+variants known to spill to their byte counts).
 """
 from __future__ import annotations
 
@@ -218,11 +224,24 @@ def ptx_loads_by_line(ptx: str, source: str) -> list[tuple[int, str, int]]:
 # (C, h, p) of the feature map at 512 x 512 px: the paper's stages 1 and 2 (p = 8 and 4),
 # and a ViT-B token map (p = 1: one token per patch, D = C)
 STAGES = {"stage 1": (64, 256, 8), "stage 2": (256, 128, 4), "vit-b": (768, 32, 1)}
-#: Input dtypes, with the fp32 dot precision where it is not the default (`dtype:precision`,
-#: e.g. float32:ieee, which --dtypes takes).
-DTYPES = ("float32", "bfloat16", "float16")
-#: The variants the report covers unless told otherwise (vit-b and float32:ieee on request).
-DEFAULT_STAGES = ("stage 1", "stage 2")
+#: Input dtypes, with the fp32 dot precision where it is not the default (`dtype:precision`):
+#: float32 runs tf32x3 (NCL_FAST_FP32_DOT_PRECISION's default), float32:ieee plain FFMA.
+DTYPES = ("float32", "float32:ieee", "bfloat16", "float16")
+LAYOUTS = ("contiguous", "channels_last")
+#: The variants the report covers unless told otherwise: every p (8, 4, 1), precision and layout.
+DEFAULT_STAGES = tuple(STAGES)
+#: A representative subset (`--subset`; tests/system/test_kernel_report.py): every kernel, every
+#: p, every precision and both layouts at least once each, and the variants that spilled or
+#: gathered scalars before (ieee at p = 1; fp32 and bf16 at p = 1 in NCHW).
+SUBSET = (
+    ("stage 1", "float32", "contiguous"),
+    ("stage 1", "bfloat16", "channels_last"),
+    ("stage 2", "float16", "contiguous"),
+    ("stage 2", "float32:ieee", "channels_last"),
+    ("vit-b", "float32:ieee", "contiguous"),
+    ("vit-b", "float32", "contiguous"),
+    ("vit-b", "bfloat16", "contiguous"),
+)
 
 
 def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4, precision: str = "") -> list:
@@ -258,52 +277,77 @@ def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4,
     return rec.launches
 
 
-def triton_rows(archs: list[int], only: str = "", stages=DEFAULT_STAGES, dtypes=DTYPES,
-                load_lines: str = "") -> tuple[list[list], list[str]]:
-    rows, problems, seen = [], [], {}
-    for stage in stages:
-        for dname in dtypes:
-            dtype_name, _, precision = dname.partition(":")
-            dtype = getattr(torch, dtype_name)
-            for layout in ("contiguous", "channels_last"):
-                for kernel, grid, args, kwargs in record_ncl_launches(stage, dtype, layout, precision=precision):
-                    if only and not any(name in kernel.__name__ for name in only.split(",")):
-                        continue
-                    for arch in archs:
-                        variant = f"{stage}, {dname}, {layout}"
-                        try:
-                            ck = compile_launch(kernel, args, kwargs, arch)
-                        except Exception as err:  # report every failure, then fail
-                            problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: {type(err).__name__}: {err}")
-                            rows.append([kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", "", "", ""])
-                            continue
-                        key = (kernel.__name__, arch, ck.hash)
-                        if key not in seen:
-                            seen[key] = (ptxas_report(ck.asm["ptx"], arch), sass_mma(ck.asm["cubin"]))
-                        rep, mma = seen[key]
-                        spills = rep["spill_stores"] + rep["spill_loads"]
-                        if spills:
-                            problems.append(f"{kernel.__name__} [{variant}] sm_{arch}: spills {spills} B")
-                        md = ck.metadata
-                        matrix = ("wgmma" if mma["HGMMA"] else "mma.sync" if mma["HMMA"] else "-")
-                        cp_other = mma["LDGSTS"] - mma["LDGSTS128"] - mma["LDGSTS64"]
-                        rows.append([
-                            kernel.__name__, variant, f"sm_{arch}", rep["registers"],
-                            f"{rep['spill_stores']}/{rep['spill_loads']}", rep["stack"],
-                            f"{md.shared / 1024:.1f}", f"{md.num_warps}w x{md.num_stages}",
-                            occupancy_cell(rep["registers"], md.num_warps, md.shared + rep["smem_static"], arch),
-                            f"{matrix} ({mma['HGMMA']} HGMMA, {mma['HMMA']} HMMA, {mma['FFMA']} FFMA)",
-                            f"{mma['LDG128']}/{mma['LDG64']}/{mma['LDG']}/{mma['LDG16']}, "
-                            f"{mma['LDGSTS128']}/{mma['LDGSTS64']}/{cp_other}",
-                        ])
-                        if load_lines and load_lines in kernel.__name__:
-                            src = kernel.fn.__code__.co_filename
-                            lines = open(src).read().splitlines()
-                            print(f"{kernel.__name__} [{variant}] sm_{arch}: global loads by source line (PTX)")
-                            for ln, op, n in ptx_loads_by_line(ck.asm["ptx"], src):
-                                text = lines[ln - 1].strip()[:80] if 0 < ln <= len(lines) else "?"
-                                print(f"  {os.path.basename(src)}:{ln}: {n} x {op}   {text}")
-    return rows, problems
+#: The compile jobs of a run (filled before the worker processes fork, which read them by index).
+_JOBS: list = []
+
+
+def _compile_job(i: int) -> dict:
+    """Compile job i for its architecture: the row of the table, its spill bytes, and the
+    global loads by source line when asked."""
+    kernel, args, kwargs, arch, variant, load_lines = _JOBS[i]
+    out = {"kernel": kernel.__name__, "variant": variant, "arch": arch, "spills": 0, "error": "", "lines": []}
+    try:
+        ck = compile_launch(kernel, args, kwargs, arch)
+        rep, mma = ptxas_report(ck.asm["ptx"], arch), sass_mma(ck.asm["cubin"])
+    except Exception as err:  # report every failure, then fail
+        out["error"] = f"{type(err).__name__}: {err}"[:2000]
+        out["row"] = [kernel.__name__, variant, f"sm_{arch}", "FAILED", "", "", "", "", "", "", ""]
+        return out
+    out["spills"] = rep["spill_stores"] + rep["spill_loads"]
+    md = ck.metadata
+    matrix = ("wgmma" if mma["HGMMA"] else "mma.sync" if mma["HMMA"] else "-")
+    cp_other = mma["LDGSTS"] - mma["LDGSTS128"] - mma["LDGSTS64"]
+    out["row"] = [
+        kernel.__name__, variant, f"sm_{arch}", rep["registers"],
+        f"{rep['spill_stores']}/{rep['spill_loads']}", rep["stack"],
+        f"{md.shared / 1024:.1f}", f"{md.num_warps}w x{md.num_stages}",
+        occupancy_cell(rep["registers"], md.num_warps, md.shared + rep["smem_static"], arch),
+        f"{matrix} ({mma['HGMMA']} HGMMA, {mma['HMMA']} HMMA, {mma['FFMA']} FFMA)",
+        f"{mma['LDG128']}/{mma['LDG64']}/{mma['LDG']}/{mma['LDG16']}, "
+        f"{mma['LDGSTS128']}/{mma['LDGSTS64']}/{cp_other}",
+    ]
+    if load_lines and load_lines in kernel.__name__:
+        src = kernel.fn.__code__.co_filename
+        lines = open(src).read().splitlines()
+        out["lines"].append(f"{kernel.__name__} [{variant}] sm_{arch}: global loads by source line (PTX)")
+        for ln, op, n in ptx_loads_by_line(ck.asm["ptx"], src):
+            text = lines[ln - 1].strip()[:80] if 0 < ln <= len(lines) else "?"
+            out["lines"].append(f"  {os.path.basename(src)}:{ln}: {n} x {op}   {text}")
+    return out
+
+
+def triton_rows(archs: list[int], only: str = "", variants=None, load_lines: str = "",
+                jobs: int = 1) -> tuple[list[list], list[str], list[tuple]]:
+    """Rows of the table, problems (failures and spills), and the spills as (kernel,
+    variant, arch, bytes). `variants`: (stage, dtype[:precision], layout) triples."""
+    variants = variants or [(s, d, lay) for s in DEFAULT_STAGES for d in DTYPES for lay in LAYOUTS]
+    _JOBS.clear()
+    for stage, dname, layout in variants:
+        dtype_name, _, precision = dname.partition(":")
+        for kernel, grid, args, kwargs in record_ncl_launches(stage, getattr(torch, dtype_name), layout,
+                                                              precision=precision):
+            if only and not any(name in kernel.__name__ for name in only.split(",")):
+                continue
+            for arch in archs:
+                _JOBS.append((kernel, args, kwargs, arch, f"{stage}, {dname}, {layout}", load_lines))
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
+    else:
+        results = [_compile_job(i) for i in range(len(_JOBS))]
+    rows, problems, spills = [], [], []
+    for r in results:
+        rows.append(r["row"])
+        for line in r["lines"]:
+            print(line)
+        if r["error"]:
+            problems.append(f"{r['kernel']} [{r['variant']}] sm_{r['arch']}: {r['error']}")
+        elif r["spills"]:
+            problems.append(f"{r['kernel']} [{r['variant']}] sm_{r['arch']}: spills {r['spills']} B")
+            spills.append((r["kernel"], r["variant"], f"sm_{r['arch']}", r["spills"]))
+    return rows, problems, spills
 
 
 def demangle(name: str) -> str:
@@ -317,7 +361,7 @@ def demangle(name: str) -> str:
     return re.sub(r"\(.*\)$", "", out)[:70]
 
 
-def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
+def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str], list[tuple]]:
     """`nvcc -Xptxas -v` over the extension's CUDA source."""
     from torch.utils import cpp_extension
 
@@ -325,7 +369,7 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
     src = os.path.join(root, "csrc", "cuda", "pc_bce_cuda.cu")
     nvcc = os.path.join(os.environ.get("CUDA_HOME") or "/usr/local/cuda", "bin", "nvcc")
     if not os.path.exists(nvcc):
-        return [], [f"nvcc not found at {nvcc}: the extension's kernels were not compiled"]
+        return [], [f"nvcc not found at {nvcc}: the extension's kernels were not compiled"], []
     includes = sum((["-I", p] for p in cpp_extension.include_paths(device_type="cuda")), [])
     # every kernel of the extension runs kTileW x kTileH threads per block
     text = open(src).read()
@@ -333,7 +377,7 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
     for dim in ("kTileW", "kTileH"):
         m = re.search(rf"constexpr int {dim} = (\d+);", text)
         threads *= int(m.group(1)) if m else 1
-    rows, problems = [], []
+    rows, problems, spills = [], [], []
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
             # the flags of the real build (torch's BuildExtension adds COMMON_NVCC_FLAGS)
@@ -359,7 +403,8 @@ def cuda_ext_rows(archs: list[int]) -> tuple[list[list], list[str]]:
             m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
             if m and current and (int(m.group(2)) or int(m.group(3))):
                 problems.append(f"{current} sm_{arch}: spills {m.group(2)}/{m.group(3)} B")
-    return rows, problems
+                spills.append((current, "extension", f"sm_{arch}", int(m.group(2)) + int(m.group(3))))
+    return rows, problems, spills
 
 
 def main() -> None:
@@ -368,39 +413,51 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="90,80")
     ap.add_argument("--no-cuda-ext", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--json", default=None, help="also write the rows, problems and spills here")
     ap.add_argument("--kernels", default="", help="only kernels whose names contain one of these (comma-separated)")
     ap.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"any of {', '.join(STAGES)}")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="float32[:ieee|tf32|tf32x3], bfloat16, float16")
+    ap.add_argument("--subset", action="store_true", help="only the representative variants of SUBSET")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    ap.add_argument("--no-work-model", action="store_true", help="leave out the work model's tables")
     ap.add_argument("--load-lines", default="",
                     help="also print the global loads of the kernels whose names contain this, by source line")
     args = ap.parse_args()
     archs = [int(a) for a in args.arch.split(",")]
+    if args.subset:
+        variants = list(SUBSET)
+    else:
+        variants = [(s, d, lay) for s in args.stages.split(",") for d in args.dtypes.split(",") for lay in LAYOUTS]
     print(f"Triton {triton.__version__}, torch {torch.__version__}; ptxas and cuobjdump from {TRITON_BIN}\n")
-    rows, problems = triton_rows(archs, args.kernels, args.stages.split(","), args.dtypes.split(","), args.load_lines)
+    rows, problems, spills = triton_rows(archs, args.kernels, variants, args.load_lines, args.jobs)
     print(table(["kernel", "variant", "arch", "registers", "spill st/ld B", "stack B", "smem KiB", "warps x stages",
                  "blocks/SM", "matrix instructions", "global loads 128/64/32/16-bit, cp.async 16/8/4 B"], rows))
     ext_rows = []
     if not args.no_cuda_ext:
-        ext_rows, ext_problems = cuda_ext_rows(archs)
+        ext_rows, ext_problems, ext_spills = cuda_ext_rows(archs)
         problems += ext_problems
+        spills += ext_spills
         print()
         print(table(["CUDA kernel (extension)", "arch", "registers", "static smem B",
                      "blocks/SM (static smem only)"], ext_rows))
-    import work_model
+    if not args.no_work_model:
+        import work_model
 
-    from ncl_fast.kernels import ncl_terms as kn
-
-    for dname, esize in (("bf16", 2), ("fp32", 4)):
-        for c in ((93, 877, 54), (300, 650, 74)):
-            stored_all = c[0] * work_model.ws_ld(c[0], c[1]) <= kn.workspace_slot(1024)
-            print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
-                  f"[|P|, |N|, |K|] = {list(c)} per image"
-                  + ("" if stored_all else " (every block assumed stored; the default workspace holds fewer)"))
-            print(work_model.report([c] * 4, 1024, 4096, esize, fp32=esize == 4))
+        print("\nThe work model (bench/work_model.py) at the H200's peaks: "
+              f"HBM {work_model.HBM_BW / 1e12:.1f} TB/s, L2 {work_model.L2_BW / 1e12:.1f} TB/s (a lead), "
+              "multiply-adds/s " + ", ".join(f"{c} {r / 1e12:.1f} T" for c, r in work_model.MAC_RATE.items())
+              + f", SFU {work_model.SFU_RATE / 1e12:.2f} T/s")
+        for dname, esize, prec in work_model.DTYPES:
+            for c in work_model.MASKS:
+                print(f"\nWork of one NCL forward + backward, stage 1 (B = 4, L = 1024, D = 4096), {dname}, "
+                      f"[|P|, |N|, |K|] = {list(c)} per image")
+                print(work_model.report([c] * 4, 1024, 4096, esize, prec))
+        print("\nEvery stage (B = 4, 512 x 512 px):")
+        print(work_model.stage_table())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"triton": rows, "cuda": ext_rows, "problems": problems}, f, indent=1)
+            json.dump({"variants": [[st, d, lay, STAGES[st][2]] for st, d, lay in variants], "triton": rows,
+                       "cuda": ext_rows, "problems": problems, "spills": spills}, f, indent=1)
     if problems:
         print("\nproblems:\n" + "\n".join(f"* {p}" for p in problems))
         sys.exit(1)

@@ -1,19 +1,77 @@
-"""A count of the work each NCL launch executes, against the floor, from the
-patch counts alone (no GPU): programs launched and programs that do work, the
-`tl.dot` multiply-adds as the tiles execute them (padding included), and the
-bytes each launch moves between memory (or L2) and the multiprocessors.
+"""A work model of the NCL kernels that sees time: per launch, what the programs
+execute, and a roofline time at the H200's peaks, against the floor.
 
-The floor (issue "second design"): one pass over each image's |P| x (|P| + |N|)
-similarities forward (D multiply-adds each) and two backward. tf32x3 (the fp32
-default) runs three tensor-core products per multiply-add counted here.
+Per launch (one function per kernel below, `_k_<kernel>`, written from the kernel's
+own loops and masks, so that a redesigned kernel is one new function):
 
-`tests/ops/test_work_model.py` checks the programs and the multiply-adds against an
-interpreter run of the real kernels at a small shape; `bench/kernel_report.py`
-prints the table at the paper's shapes.
+* programs launched, and programs that do work (past their early exits);
+* multiply-adds by the instruction that runs them: `tl.dot` tiles as executed (padding
+  included) at the rate of their class ("half": bf16/fp16 on the tensor cores,
+  "tf32", "tf32x3": three tf32 products per multiply-add, "ieee": fp32 FFMA on the
+  CUDA cores), plus the elementwise FMAs of the statistics and anchor kernels (`ffma`);
+* transcendental evaluations (`sfu`): every lane of exp, log, sqrt and fp32 division
+  (rcp) the programs evaluate, masked lanes and both branches of a `where` included
+  (the GPU evaluates them, as the interpreter does); a scalar counts once;
+* bytes: `loaded` (every load's active lanes), `hbm_read` (distinct bytes loaded: the
+  first read of each byte comes from HBM, re-reads from L2, so `l2 = loaded - hbm_read`)
+  and `stored` (written once each, to HBM).
+
+The roofline time of a launch is the largest of: tensor-core time, CUDA-core FMA time,
+SFU time, HBM time ((hbm_read + stored) / HBM_BW), L2 time ((loaded + stored) /
+L2_BW) and the time of its heaviest program on one SM's share of those rates (a launch
+cannot finish before its longest program). Launch overhead (`LAUNCH_S` per launch) is
+reported apart ("launches excluded" in the targets). The workspace's zero-fill
+(`torch.zeros`, one memset) is a launch of its own.
+
+The floor, per direction: the fewest bytes (forward: each used patch's features read
+once; backward: read once, and the whole feature gradient written once) at HBM_BW,
+or the floor's multiply-adds (D |P| (|P| + |N|) per image forward, twice that
+backward) at the bf16 tensor-core rate, whichever is longer.
+
+`tests/ops/test_work_model.py` checks every count of every Triton launch (programs,
+programs with a tl.dot, tl.dot multiply-adds by class, transcendental lanes, bytes
+loaded, distinct bytes loaded, bytes stored) against an instrumented interpreter run
+of the real kernels; `ffma` is the model's alone. `python bench/work_model.py` prints
+the tables; `bench/kernel_report.py` prints them too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, field
+
+# ---- H200 SXM peaks (sm_90), each with its source ---------------------------------------
+
+#: Multiprocessors of the H100/H200 SXM (NVIDIA H100 datasheet; 132 read by PyTorch on the
+#: H200 of this project's device machine, /work/.library/device/KINDS.md, 2026-10-28).
+SMS = 132
+#: HBM3e bandwidth, bytes/s: 4.8 TB/s (NVIDIA H200 datasheet). Measured here: about 4.3 TB/s
+#: for a device-to-device copy (KINDS.md, 2026-10-28 and 2026-11-04).
+HBM_BW = 4.8e12
+#: L2 to the SMs, bytes/s: no datasheet figure. A lead: published microbenchmarks of the
+#: H100 put it near 7 TB/s; a GPU run should measure it (a copy that fits in the 60 MB L2).
+L2_BW = 7.0e12
+#: Multiply-adds per second by instruction class (dense; a FLOP is half a multiply-add),
+#: NVIDIA H100/H200 SXM datasheet: bf16/fp16 tensor cores 989.4 TFLOP/s, tf32 494.7, fp32
+#: (FFMA on the CUDA cores) 66.9. tf32x3 runs three tf32 products per multiply-add.
+#: Measured here: 788 TFLOP/s for an 8192^3 bf16 matmul on random data (KINDS.md).
+MAC_RATE = {
+    "half": 989.4e12 / 2,
+    "tf32": 494.7e12 / 2,
+    "tf32x3": 494.7e12 / 2 / 3,
+    "ieee": 66.9e12 / 2,
+}
+TENSOR_CLASSES = ("half", "tf32", "tf32x3")
+FFMA_RATE = 66.9e12 / 2
+#: Transcendentals per second: 16 results per clock per SM for the 32-bit MUFU functions
+#: (reciprocal, rsqrt, log2, exp2; CUDA C++ Programming Guide, "Arithmetic Instructions",
+#: throughput table, compute capability 9.0), x 132 SMs x 1.98 GHz (the H100 SXM's boost
+#: clock; 1980 MHz read on the device machine under load, KINDS.md). exp and log are one
+#: MUFU op plus a multiply; a division or sqrt counts as one (its MUFU op; the Newton
+#: steps around it run on the FMA pipes).
+SFU_RATE = 16 * SMS * 1.98e9
+#: Per-launch overhead, seconds: a lead (about 2 us between dependent launches of one
+#: stream in eager PyTorch; less under CUDA graphs), reported apart, never in the roofline.
+LAUNCH_S = 2e-6
 
 
 def cdiv(a: int, b: int) -> int:
@@ -28,126 +86,549 @@ def ws_ld(p: int, n: int) -> int:
     return cdiv(p + n, align) * align
 
 
+def default_slot(L: int) -> int:
+    """fp32 values of workspace per image, as `ncl_terms.workspace_slot` computes it."""
+    from ncl_fast.kernels import ncl_terms as k
+
+    return int(k.workspace_slot(L))
+
+
+def chunks(D: int, bd: int) -> list[tuple[int, int]]:
+    """(active width, how many) of the chunks of D that programs of width `bd` take."""
+    n = cdiv(D, bd)
+    last = D - (n - 1) * bd
+    return [(bd, n - 1), (last, 1)] if last != bd else [(bd, n)]
+
+
+# ---- counts ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prog:
+    """What one program executes (see the module docstring for each field)."""
+
+    macs: dict = field(default_factory=dict)
+    ffma: int = 0
+    sfu: int = 0
+    loaded: int = 0
+    stored: int = 0
+
+    def dot(self, cls: str, n: int) -> None:
+        self.macs[cls] = self.macs.get(cls, 0) + n
+
+    def time(self) -> float:
+        """Seconds on one SM's share of every rate."""
+        return SMS * max(
+            sum(v / MAC_RATE[c] for c, v in self.macs.items() if c in TENSOR_CLASSES),
+            (self.macs.get("ieee", 0) + self.ffma) / FFMA_RATE,
+            self.sfu / SFU_RATE,
+            (self.loaded + self.stored) / L2_BW,
+        )
+
+
 @dataclass
 class Launch:
     kernel: str
-    programs: int  # launched
-    working: int  # that get past their early exits and do the kernel's work
-    dot_macs: int  # multiply-adds of the tl.dot tiles they execute
-    bytes: int  # features, similarities and gradients moved (approximate: tiles as loaded)
-    dot_programs: int = 0  # working programs that execute at least one tl.dot
+    direction: str  # "fwd" or "bwd"
+    programs: int = 0  # launched
+    working: int = 0  # past their early exits: they do the kernel's work
+    dot_programs: int = 0  # that execute at least one tl.dot
+    macs: dict = field(default_factory=dict)  # tl.dot multiply-adds by class
+    ffma: int = 0  # elementwise fp32 multiply-adds (model only)
+    sfu: int = 0  # transcendental lanes
+    loaded: int = 0  # bytes, every load's active lanes
+    hbm_read: int = 0  # distinct bytes loaded
+    stored: int = 0  # bytes
+    crit_s: float = 0.0  # the heaviest program's time on one SM's share
+
+    def add(self, prog: Prog, count: int = 1, working: bool = True) -> None:
+        if count <= 0:
+            return
+        self.programs += count
+        if working:
+            self.working += count
+            if prog.macs:
+                self.dot_programs += count
+        for c, v in prog.macs.items():
+            self.macs[c] = self.macs.get(c, 0) + v * count
+        self.ffma += prog.ffma * count
+        self.sfu += prog.sfu * count
+        self.loaded += prog.loaded * count
+        self.stored += prog.stored * count
+        self.crit_s = max(self.crit_s, prog.time())
+
+    @property
+    def dot_macs(self) -> int:
+        return sum(self.macs.values())
+
+    @property
+    def l2(self) -> int:
+        """Bytes re-read (from L2)."""
+        return self.loaded - self.hbm_read
+
+    def times(self) -> dict:
+        return {
+            "tensor": sum(v / MAC_RATE[c] for c, v in self.macs.items() if c in TENSOR_CLASSES),
+            "fma": (self.macs.get("ieee", 0) + self.ffma) / FFMA_RATE,
+            "sfu": self.sfu / SFU_RATE,
+            "hbm": (self.hbm_read + self.stored) / HBM_BW,
+            "l2": (self.loaded + self.stored) / L2_BW,
+            "program": self.crit_s,
+        }
+
+    def time(self) -> float:
+        """Roofline seconds of the launch (overhead excluded)."""
+        return max(self.times().values())
+
+    def bound(self) -> str:
+        t = self.times()
+        return max(t, key=t.get)
 
 
-def ncl_work(counts: list[tuple[int, int, int]], L: int, D: int, esize: int, stored: list[bool] | None = None,
-             fp32: bool = False) -> list[Launch]:
-    """Every launch of one NCL forward + backward. `counts[b] = (|P|, |N|, |K|)`;
-    `stored[b]`: the image's block is in the workspace (default: all)."""
-    from ncl_fast.kernels import ncl_terms as k
+@dataclass
+class Shape:
+    """One NCL forward + backward: per image `(|P|, |N|, |K|)`, L patches of D values,
+    features (and anchors, gradients) of `esize` bytes, fp32 dots at `precision`."""
 
-    B = len(counts)
-    stored = stored if stored is not None else [True] * B
-    t1 = [p >= 2 and n >= 1 for p, n, _ in counts]
-    out = []
-    # forward
-    stats_working = sum(max(1, cdiv(p + n, k.STATS_BX)) for p, n, _ in counts)
-    out.append(Launch("_ncl_stats_fwd_kernel", B * cdiv(L, k.STATS_BX), stats_working, 0,
-                      sum((p + n) * D * esize for p, n, _ in counts) + stats_working * 2 * D * esize))
-    sim_progs = B * cdiv(L, k.SIM_BM) * cdiv(L, k.SIM_BN)
-    sim_working = sum(cdiv(p, k.SIM_BM) * cdiv(p + n, k.SIM_BN)
-                      for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok)
-    bk = k.SIM_BK_F32 if fp32 else k.SIM_BK_HALF
-    sim_tile_macs = k.SIM_BM * k.SIM_BN * cdiv(D, bk) * bk
-    out.append(Launch("_ncl_sim_kernel", sim_progs, sim_working, sim_working * sim_tile_macs,
-                      sim_working * (k.SIM_BM + k.SIM_BN) * D * esize  # S written, rows padded
-                      + sum(4 * p * ws_ld(p, n) for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok),
-                      sim_working))
-    rows_working = sum(cdiv(p, k.ROWS_BM) for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok)
-    out.append(Launch("_ncl_rows_kernel", B * cdiv(L, k.ROWS_BM), rows_working, 0,
-                      sum(4 * p * (p + n) + 4 * p * p for (p, n, _), s, ok in zip(counts, stored, t1) if s and ok)))
-    bkb = k.BLOCK_K_F32_BOUNDED if fp32 else k.BLOCK_K
-    pf_working, pf_macs = 0, 0
-    for (p, n, _), s, ok in zip(counts, stored, t1):
-        if s or not ok:
-            continue
-        tiles = cdiv(p, k.BLOCK_M)
-        pf_working += tiles
-        # pass 1 over the N columns, pass 2 over the P columns, each tile over the whole D
-        pf_macs += tiles * (cdiv(n, k.BLOCK_N) + cdiv(p, k.BLOCK_N)) * k.BLOCK_M * k.BLOCK_N * cdiv(D, bkb) * bkb
-    out.append(Launch("_ncl_pair_fwd_kernel", B * cdiv(L, k.BLOCK_M), pf_working, pf_macs,
-                      pf_macs // max(1, k.BLOCK_M * k.BLOCK_N) * (k.BLOCK_M + k.BLOCK_N) * esize, pf_working))
-    out.append(Launch("_ncl_anchor_fwd_kernel", 2 * B, 2 * B, 0, sum(2 * 4 * (p + n) for p, n, _ in counts)))
-    # backward
-    n_td = cdiv(D, k.GRAD_BD)
-    g_progs = B * cdiv(L, k.GRAD_BX) * n_td
-    g_working, g_macs, g_bytes, g_dot = 0, 0, 0, 0
-    by = k.GRAD_BY_F32 if fp32 else k.GRAD_BY  # partners per step
-    for (p, n, _), s, ok in zip(counts, stored, t1):
-        if not s:
-            continue
-        tiles = cdiv(L, k.GRAD_BX)
-        g_working += tiles * n_td  # every tile writes its rows (contour rows get zeros)
-        if ok:
-            g_dot += cdiv(p + n, k.GRAD_BX) * n_td
-            a_rows = cdiv(p, k.GRAD_BX) * k.GRAD_BX  # part 1: tampered row tiles x (P + N)
-            a_cols = cdiv(p + n, by) * by
-            b_rows = cdiv(p + n, k.GRAD_BX) * k.GRAD_BX  # part 2: every used tile x P
-            b_cols = cdiv(p, by) * by
-            g_macs += n_td * k.GRAD_BD * (a_rows * a_cols + b_rows * b_cols)
-            g_bytes += n_td * (4 * (a_rows * a_cols + b_rows * b_cols) + k.GRAD_BD * esize * (
-                cdiv(p, k.GRAD_BX) * a_cols + cdiv(p + n, k.GRAD_BX) * b_cols))
-        g_bytes += L * D * esize + (p + n) * D * esize  # the gradient written, f_x read
-    out.append(Launch("_ncl_grad_kernel", g_progs, g_working, g_macs, g_bytes, g_dot))
-    bd = k.BLOCK_D_F32_BOUNDED if fp32 else k.BLOCK_D
-    nb_td = cdiv(D, bd)
-    pb_working, pb_macs, pb_bytes, pb_dot = 0, 0, 0, 0
-    bkw = k.BLOCK_K_F32_BOUNDED if fp32 else k.BLOCK_K
-    for (p, n, _), s, ok in zip(counts, stored, t1):
-        if s:
-            continue
-        tiles = cdiv(L, k.BLOCK_M)
-        pb_working += tiles * nb_td
-        pb_bytes += L * D * esize
-        if ok:
-            pb_dot += cdiv(p + n, k.BLOCK_M) * nb_td
-            for t in range(cdiv(p + n, k.BLOCK_M)):
-                y_end = p + n if t * k.BLOCK_M < p else p
-                steps = cdiv(y_end, k.BLOCK_N)
-                # each step: a similarity tile over the whole D, then T @ F on the chunk
-                pb_macs += nb_td * steps * k.BLOCK_M * k.BLOCK_N * (cdiv(D, bkw) * bkw + bd)
-                pb_bytes += nb_td * steps * (k.BLOCK_M + k.BLOCK_N) * D * esize
-    out.append(Launch("_ncl_pair_bwd_kernel", B * cdiv(L, k.BLOCK_M) * nb_td, pb_working, pb_macs, pb_bytes,
-                      pb_dot))
-    ab_td = cdiv(D, k.BLOCK_D)
-    per_split = cdiv(cdiv(L, k.ANCHOR_SPLITS), k.BLOCK_M) * k.BLOCK_M
-    ab_working = sum(ab_td * min(k.ANCHOR_SPLITS, cdiv(p + n, per_split)) for p, n, c in counts if p and n and c)
-    out.append(Launch("_ncl_anchor_bwd_kernel", B * ab_td * k.ANCHOR_SPLITS, ab_working, 0,
-                      sum((p + n) * D * esize for p, n, c in counts if p and n and c)
-                      + B * k.ANCHOR_SPLITS * 2 * D * 4))
-    out.append(Launch("_ncl_anchor_grad_kernel", B * cdiv(D, 1024), B * cdiv(D, 1024), 0,
-                      B * k.ANCHOR_SPLITS * 2 * D * 4 + 4 * B * D * esize))
+    counts: list
+    L: int
+    D: int
+    esize: int
+    precision: str = "tf32x3"
+    slot: int | None = None  # fp32 values of workspace per image (default: the op's)
+
+    @property
+    def B(self) -> int:
+        return len(self.counts)
+
+    @property
+    def up(self) -> bool:
+        """fp32 operands (the kernels' UPCAST; the GPU's, not the interpreter's bf16 upcast)."""
+        return self.esize == 4
+
+    @property
+    def sim_class(self) -> str:
+        return self.precision if self.up else "half"
+
+    @property
+    def coef_class(self) -> str:
+        """The backward's GEMMs: fp32 coefficients x features."""
+        return self.precision if self.up else "tf32"
+
+    def images(self):
+        """Per image: (|P|, |N|, used, t1 defined, stored)."""
+        slot = default_slot(self.L) if self.slot is None else self.slot
+        for p, n, _ in self.counts:
+            t1 = p >= 2 and n >= 1
+            size = p * ws_ld(p, n) if t1 else 0
+            yield p, n, p + n, t1, size <= slot
+
+
+def _rows(x0: int, block: int, hi: int) -> int:
+    """Active rows of the tile [x0, x0 + block) below hi."""
+    return max(0, min(block, hi - x0))
+
+
+# ---- one function per kernel ------------------------------------------------------------
+
+
+def _k_stats_fwd(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_anchors as k
+
+    bx, L, D = k.STATS_BX, s.L, s.D
+    out = Launch("_ncl_stats_fwd_kernel", "fwd")
+    for p, n, u, t1, _ in s.images():
+        for pid in range(cdiv(L, bx)):
+            x0 = pid * bx
+            lanes = _rows(x0, bx, L)
+            g = Prog(loaded=8, stored=3 * 4 * lanes)  # counts; nrm, s(a+), s(a-) (zeros past the lists)
+            g.stored += 2 * 4 * sum(1 for x in range(x0, x0 + lanes) if not (t1 and x < p))  # lam, W zeros
+            if pid == 0:
+                g.stored += 16 + 8  # plan; the anchors' norms
+            elif x0 >= u:
+                out.add(g, working=False)
+                continue
+            cnt = _rows(x0, bx, u)
+            g.loaded += cnt * 4 + cnt * D * s.esize + 2 * D * s.esize  # perm, features, both anchors
+            g.ffma += 3 * bx * D + 2 * D
+            g.sfu += 2 * bx + 4  # sqrt and 1/x per patch; the anchors' sqrt and 1/x
+            out.add(g)
+        out.hbm_read += 8 + 4 * u + u * D * s.esize + 2 * D * s.esize
     return out
 
 
-def floor_macs(counts: list[tuple[int, int, int]], D: int) -> tuple[int, int]:
+def _k_sim(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_stored as k
+
+    bm, bn, L, D = k.SIM_BM, k.SIM_BN, s.L, s.D
+    bk = k.SIM_BK_F32 if s.up else k.SIM_BK_HALF
+    slot = default_slot(L) if s.slot is None else s.slot
+    full = slot > 0  # the launcher's grid: one program per image when nothing can be stored
+    n_tm, n_tn = (cdiv(L, bm), cdiv(L, bn)) if full else (1, 1)
+    out = Launch("_ncl_sim_kernel", "fwd")
+    for p, n, u, t1, st in s.images():
+        idle = Prog(loaded=16)  # counts, plan
+        busy = 0
+        for tm in range(n_tm):
+            for tn in range(n_tn):
+                rv, cv = _rows(tm * bm, bm, p), _rows(tn * bn, bn, u)
+                if not (st and t1 and rv and cv):
+                    out.add(idle, working=False)
+                    continue
+                busy += 1
+                g = Prog(loaded=24 + 8 * (rv + cv) + (rv + cv) * D * s.esize, stored=4 * rv * cv, sfu=bm + bn)
+                g.dot(s.sim_class, bm * bn * cdiv(D, bk) * bk)
+                out.add(g)
+        out.hbm_read += 16 + (8 + 8 * u + u * D * s.esize if busy else 0)
+    return out
+
+
+def _k_rows(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_stored as k
+
+    bm, bc = k.ROWS_BM, k.ROWS_BC
+    out = Launch("_ncl_rows_kernel", "fwd")
+    for p, n, u, t1, st in s.images():
+        for pid in range(cdiv(s.L, bm)):
+            rv = _rows(pid * bm, bm, p)
+            if not (st and t1 and rv):
+                out.add(Prog(loaded=16, stored=4), working=False)
+                continue
+            g = Prog(loaded=24 + 4 * rv * n + 4 * rv * (p - 1), stored=8 * rv + 4)
+            g.sfu += cdiv(n, bc) * (bm + bm * bc) + bm  # online log-sum-exp: exp per lane and rescale; log
+            g.sfu += cdiv(p, bc) * 4 * bm * bc  # softplus (exp, log) and sigmoid (exp, 1/x), every lane
+            out.add(g)
+        out.hbm_read += 16 + (4 * p * (n + p - 1) + 8 if (st and t1) else 0)
+    return out
+
+
+def _k_pair_fwd(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_bounded as k
+
+    bm, bn, D = k.BLOCK_M, k.BLOCK_N, s.D
+    bk = k.BLOCK_K_F32_BOUNDED if s.up else k.BLOCK_K
+    out = Launch("_ncl_pair_fwd_kernel", "fwd")
+    for p, n, u, t1, st in s.images():
+        for pid in range(cdiv(s.L, bm)):
+            rv = _rows(pid * bm, bm, p)
+            if st or not t1 or not rv:
+                out.add(Prog(loaded=16, stored=4), working=False)
+                continue
+            g = Prog(loaded=16 + 8 * rv, stored=8 * rv + 4, sfu=bm + bm)  # 1/|f_m|; log of the row sums
+            for lo, hi, per_tile in ((p, u, bm * bn + bm), (0, p, 4 * bm * bn)):
+                for c0 in range(lo, hi, bn):
+                    cv = _rows(c0, bn, hi)
+                    g.loaded += 8 * cv + (rv + cv) * D * s.esize
+                    g.sfu += bn + per_tile
+                    g.dot(s.sim_class, bm * bn * cdiv(D, bk) * bk)
+            out.add(g)
+        out.hbm_read += 16 + (8 * u + u * D * s.esize if (t1 and not st) else 0)
+    return out
+
+
+def _k_anchor_fwd(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_bounded as kb
+    from ncl_fast.kernels import ncl_stored as ks
+
+    blk = 256
+    n_s, n_b = cdiv(s.L, ks.ROWS_BM), cdiv(s.L, kb.BLOCK_M)
+    out = Launch("_ncl_anchor_fwd_kernel", "fwd")
+    for p, n, u, _, _ in s.images():
+        for which, (neg, pos) in enumerate(((n, p), (p, n))):
+            g = Prog(loaded=12 + 4 * (neg + pos), stored=12, sfu=1 + 1)  # log of the sum; the mean's 1/x
+            g.sfu += cdiv(neg, blk) * 2 * blk + blk + cdiv(pos, blk) * 4 * blk
+            if which == 0:
+                g.loaded += 4 * (n_s + n_b) + 4
+                g.stored += 4
+                g.sfu += 1
+            out.add(g)
+        out.hbm_read += 12 + 4 * (n_s + n_b) + 2 * 4 * u
+    return out
+
+
+def _row_setup(g: Prog, bx: int, xv: int, rp_t1: int) -> None:
+    """ncl_common._row_setup: counts, g, |f_x|, lam_x, W_x, s(a+-, x), lam+-, W+-."""
+    g.loaded += 24 + 4 * xv + 8 * rp_t1 + 8 * xv + 16
+    g.sfu += 3 + 6 * bx  # k1, k2, k3; both anchors' coefficients (sigmoid and exp, every lane)
+
+
+def _grad_out(g: Prog, bx: int, bd: int, kw: int, esize: int) -> None:
+    """ncl_common._grad_out: both anchors' chunks and norms; 1/|a+-|, 1/|f_x|."""
+    g.loaded += 2 * kw * esize + 8
+    g.sfu += 2 * bd + bx
+
+
+def _k_grad(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_stored as k
+
+    bx, bd, L, D = k.GRAD_BX, k.GRAD_BD, s.L, s.D
+    by = k.GRAD_BY_F32 if s.up else k.GRAD_BY
+    n_tx = cdiv(L, bx)
+    out = Launch("_ncl_grad_kernel", "bwd")
+    for p, n, u, t1, st in s.images():
+        ld = ws_ld(p, n)
+        for kw, reps in chunks(D, bd):
+            for tx in range(n_tx):
+                x0 = tx * bx
+                if not st:
+                    out.add(Prog(loaded=8), reps, working=False)
+                    continue
+                gi = _rows(x0, bx, L)
+                if x0 >= u:  # contour patches only: zeros
+                    out.add(Prog(loaded=16 + 4 * gi, stored=gi * kw * s.esize), reps, working=False)
+                    continue
+                xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
+                g = Prog(loaded=16 + 4 * gi, stored=gi * kw * s.esize)  # plan, counts; the store's perm
+                if t1:
+                    g.loaded += 8 + 4  # the block's offset; g1
+                    g.sfu += 1
+                    if x0 < p:  # 1. row x of S, every partner in P u N
+                        steps = cdiv(u, by)
+                        g.loaded += 8 * rp + 4 * rp * ld + 8 * u + u * kw * s.esize
+                        g.sfu += steps * (3 * bx * by + by)  # sigmoid and exp (both branches), 1/|f_y|
+                        g.dot(s.coef_class, steps * bx * by * bd)
+                    steps = cdiv(p, by)  # 2. column x of S, every partner in P
+                    g.loaded += 4 * p * min(bx, max(0, ld - x0)) + 8 * p + 8 * p + p * kw * s.esize
+                    g.sfu += steps * (3 * bx * by + by)
+                    g.dot(s.coef_class, steps * bx * by * bd)
+                _row_setup(g, bx, xv, rp if t1 else 0)
+                g.loaded += 4 * xv + xv * kw * s.esize  # f_x
+                _grad_out(g, bx, bd, kw, s.esize)
+                out.add(g, reps)
+        if st:
+            work = u > 0
+            out.hbm_read += 8 + 4 * L + (8 if not work else 12 + 12 + 8 + 16 + 8 * u + 4 * u
+                                         + u * D * s.esize + 2 * D * s.esize)
+            if t1:
+                out.hbm_read += 8 + 8 * p + 4 * p * ld
+        else:
+            out.hbm_read += 8
+    return out
+
+
+def _k_pair_bwd(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_bounded as k
+
+    bx, bn, L, D = k.BLOCK_M, k.BLOCK_N, s.L, s.D
+    bd = k.BLOCK_D_F32_BOUNDED if s.up else k.BLOCK_D
+    bk = k.BLOCK_K_F32_BOUNDED if s.up else k.BLOCK_K
+    out = Launch("_ncl_pair_bwd_kernel", "bwd")
+    for p, n, u, t1, st in s.images():
+        for kw, reps in chunks(D, bd):
+            for tx in range(cdiv(L, bx)):
+                x0 = tx * bx
+                if st:
+                    out.add(Prog(loaded=8), reps, working=False)
+                    continue
+                gi = _rows(x0, bx, L)
+                if x0 >= u:
+                    out.add(Prog(loaded=16 + 4 * gi, stored=gi * kw * s.esize), reps, working=False)
+                    continue
+                xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
+                g = Prog(loaded=16 + 4 * xv + 4 * gi, stored=gi * kw * s.esize, sfu=bx)  # ...; 1/|f_x|
+                _row_setup(g, bx, xv, rp if t1 else 0)
+                if t1:
+                    y_end = u if x0 < p else p
+                    for y0 in range(0, y_end, bn):
+                        cv, cp = _rows(y0, bn, y_end), _rows(y0, bn, min(y_end, p))
+                        # the tile recomputed over the whole D, then its coefficients and T @ F_y
+                        g.loaded += 8 * cv + 8 * cp + (xv + cv) * D * s.esize + cv * kw * s.esize
+                        g.sfu += bn + 6 * bx * bn
+                        g.dot(s.sim_class, bx * bn * cdiv(D, bk) * bk)
+                        g.dot(s.coef_class, bx * bn * bd)
+                g.loaded += xv * kw * s.esize  # f_x
+                _grad_out(g, bx, bd, kw, s.esize)
+                out.add(g, reps)
+        if not st:
+            work = u > 0
+            out.hbm_read += 8 + 4 * L + (8 if not work else 12 + 12 + 8 + 16 + 8 * u + 4 * u
+                                         + u * D * s.esize + 2 * D * s.esize)
+            if t1:
+                out.hbm_read += 8 * p
+        else:
+            out.hbm_read += 8
+    return out
+
+
+def _k_anchor_bwd(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_anchors as ka
+    from ncl_fast.kernels import ncl_bounded as kb
+
+    rs_n, bx, bd, L, D = ka.ANCHOR_SPLITS, kb.BLOCK_M, kb.BLOCK_D, s.L, s.D
+    per_split = cdiv(cdiv(L, rs_n), bx) * bx
+    out = Launch("_ncl_anchor_bwd_kernel", "bwd")
+    for p, n, u, _, _ in s.images():
+        k = L - u
+        used = u if (p >= 1 and n >= 1 and k >= 1) else 0
+        for kw, reps in chunks(D, bd):
+            for rs in range(rs_n):
+                lo, hi = rs * per_split, min(rs * per_split + per_split, used)
+                g = Prog(loaded=36, stored=2 * kw * 4, sfu=2)  # counts, g2, g3, lam+-, W+-; k2, k3
+                for x0 in range(lo, hi, bx):
+                    xv = _rows(x0, bx, hi)
+                    g.loaded += 16 * xv + xv * kw * s.esize
+                    g.sfu += 7 * bx
+                    g.ffma += 2 * bx * bd
+                out.add(g, reps, working=hi > lo)
+        out.stored += 8 * rs_n  # the splits' dot sums (the first chunk's programs)
+        out.hbm_read += 36 + (16 * used + used * D * s.esize)
+    return out
+
+
+def _k_anchor_grad(s: Shape) -> Launch:
+    from ncl_fast.kernels import ncl_anchors as k
+
+    rs_n, blk, D = k.ANCHOR_SPLITS, 1024, s.D
+    out = Launch("_ncl_anchor_grad_kernel", "bwd")
+    for _ in range(s.B):
+        for kw, reps in chunks(D, blk):
+            out.add(Prog(loaded=rs_n * (8 * kw + 8) + 2 * kw * s.esize + 8, stored=2 * kw * s.esize, sfu=2), reps)
+        out.hbm_read += rs_n * (8 * D + 8) + 2 * D * s.esize + 8
+    return out
+
+
+def _k_ws_fill(s: Shape) -> Launch:
+    """torch.zeros of the workspace (B x slot fp32 values): one memset."""
+    slot = default_slot(s.L) if s.slot is None else s.slot
+    out = Launch("workspace zero-fill (memset)", "fwd", programs=1, working=1)
+    out.stored = 4 * max(s.B * slot, 1)
+    return out
+
+
+#: The launches of one forward + backward, in order (`ncl_terms.ncl_terms_fwd`, `_bwd`), each
+#: with the kernel it models (module of `ncl_fast.kernels`, name; None: not a Triton kernel).
+#: A kernel that a redesign removes drops out, and one it adds is modeled by adding its
+#: function here: `ncl_work` models the kernels that exist in the tree it runs in.
+KERNELS = (
+    (_k_ws_fill, None),
+    (_k_stats_fwd, ("ncl_anchors", "_ncl_stats_fwd_kernel")),
+    (_k_sim, ("ncl_stored", "_ncl_sim_kernel")),
+    (_k_rows, ("ncl_stored", "_ncl_rows_kernel")),
+    (_k_pair_fwd, ("ncl_bounded", "_ncl_pair_fwd_kernel")),
+    (_k_anchor_fwd, ("ncl_anchors", "_ncl_anchor_fwd_kernel")),
+    (_k_grad, ("ncl_stored", "_ncl_grad_kernel")),
+    (_k_pair_bwd, ("ncl_bounded", "_ncl_pair_bwd_kernel")),
+    (_k_anchor_bwd, ("ncl_anchors", "_ncl_anchor_bwd_kernel")),
+    (_k_anchor_grad, ("ncl_anchors", "_ncl_anchor_grad_kernel")),
+)
+
+
+def _exists(kernel) -> bool:
+    if kernel is None:
+        return True
+    import importlib
+
+    module, name = kernel
+    try:
+        return hasattr(importlib.import_module(f"ncl_fast.kernels.{module}"), name)
+    except ImportError:
+        return False
+
+
+def ncl_work(counts, L: int, D: int, esize: int, precision: str = "tf32x3", slot: int | None = None) -> list[Launch]:
+    """Every launch of one NCL forward + backward. `counts[b] = (|P|, |N|, |K|)`; `slot`: fp32
+    values of workspace per image (default the op's `workspace_slot(L)`)."""
+    s = Shape(list(counts), L, D, esize, precision, slot)
+    return [f(s) for f, kernel in KERNELS if _exists(kernel)]
+
+
+# ---- the floor and the summary ------------------------------------------------------------
+
+
+def floor_macs(counts, D: int) -> tuple[int, int]:
     """(forward, backward) multiply-adds of the floor: D |P| (|P| + |N|) per image with t1
     defined, once forward and twice backward."""
     fwd = sum(D * p * (p + n) for p, n, _ in counts if p >= 2 and n >= 1)
     return fwd, 2 * fwd
 
 
-def report(counts, L, D, esize, fp32=False, sms: int = 132) -> str:
-    """A markdown table of every launch, and the forward / backward ratios to the floor."""
-    launches = ncl_work(counts, L, D, esize, fp32=fp32)
-    fwd_floor, bwd_floor = floor_macs(counts, D)
-    fwd_names = {"_ncl_stats_fwd_kernel", "_ncl_sim_kernel", "_ncl_rows_kernel", "_ncl_pair_fwd_kernel",
-                 "_ncl_anchor_fwd_kernel"}
-    lines = ["| launch | programs | working (per SM) | dot MACs (G) | MB moved |", "| --- | --- | --- | --- | --- |"]
+def floor_bytes(counts, L: int, D: int, esize: int) -> tuple[int, int]:
+    """(forward, backward) bytes of the floor: the used patches' features read once each way,
+    and the whole feature gradient written once."""
+    used = sum(p + n for p, n, _ in counts)
+    return used * D * esize, used * D * esize + len(counts) * L * D * esize
+
+
+def floor_time(counts, L: int, D: int, esize: int) -> tuple[float, float]:
+    fm, bm = floor_macs(counts, D)
+    fb, bb = floor_bytes(counts, L, D, esize)
+    return (max(fm / MAC_RATE["half"], fb / HBM_BW), max(bm / MAC_RATE["half"], bb / HBM_BW))
+
+
+def summary(launches: list[Launch], counts, L: int, D: int, esize: int) -> dict:
+    fwd = sum(x.time() for x in launches if x.direction == "fwd")
+    bwd = sum(x.time() for x in launches if x.direction == "bwd")
+    ff, fb = floor_time(counts, L, D, esize)
+    return {"fwd_s": fwd, "bwd_s": bwd, "floor_fwd_s": ff, "floor_bwd_s": fb,
+            "ratio": (fwd + bwd) / (ff + fb), "launches": len(launches), "overhead_s": len(launches) * LAUNCH_S}
+
+
+def report(counts, L, D, esize, precision="tf32x3", slot=None) -> str:
+    """A markdown table of every launch, and the prediction against the floor."""
+    launches = ncl_work(counts, L, D, esize, precision, slot)
+    lines = ["| launch | programs | working (per SM) | dot MACs G (class) | SFU M | HBM MB | L2 MB | "
+             "time us | bound |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in launches:
-        lines.append(f"| {x.kernel} | {x.programs} | {x.working} ({x.working / sms:.2f}) | {x.dot_macs / 1e9:.3f} | "
-                     f"{x.bytes / 1e6:.1f} |")
-    fwd = sum(x.dot_macs for x in launches if x.kernel in fwd_names)
-    bwd = sum(x.dot_macs for x in launches if x.kernel not in fwd_names)
-    lines.append(f"\nforward: {fwd / 1e9:.3f} G MACs executed / {fwd_floor / 1e9:.3f} G floor = "
-                 f"{fwd / fwd_floor:.2f}x; backward: {bwd / 1e9:.3f} / {bwd_floor / 1e9:.3f} = {bwd / bwd_floor:.2f}x"
-                 + ("; tf32x3 runs 3 tensor-core products per MAC" if fp32 else ""))
+        cls = ", ".join(f"{v / 1e9:.3f} {c}" for c, v in x.macs.items() if v) or "-"
+        lines.append(f"| {x.kernel} | {x.programs} | {x.working} ({x.working / SMS:.2f}) | {cls} | {x.sfu / 1e6:.2f} | "
+                     f"{(x.hbm_read + x.stored) / 1e6:.1f} | {x.l2 / 1e6:.1f} | {x.time() * 1e6:.1f} | {x.bound()} |")
+    sm = summary(launches, counts, L, D, esize)
+    fm, bm = floor_macs(counts, D)
+    lines.append(
+        f"\npredicted forward {sm['fwd_s'] * 1e6:.1f} us + backward {sm['bwd_s'] * 1e6:.1f} us = "
+        f"{(sm['fwd_s'] + sm['bwd_s']) * 1e6:.1f} us (launches excluded; {sm['launches']} launches, about "
+        f"{sm['overhead_s'] * 1e6:.0f} us more); floor {sm['floor_fwd_s'] * 1e6:.1f} + {sm['floor_bwd_s'] * 1e6:.1f} = "
+        f"{(sm['floor_fwd_s'] + sm['floor_bwd_s']) * 1e6:.1f} us; predicted / floor = {sm['ratio']:.2f}x"
+        + (f" (target {TARGETS[tuple(counts[0])]}x)" if len(set(map(tuple, counts))) == 1 and tuple(counts[0]) in TARGETS
+           else "") + ". "
+        f"Multiply-adds executed / floor: forward "
+        f"{sum(x.dot_macs for x in launches if x.direction == 'fwd') / fm:.2f}x, backward "
+        f"{sum(x.dot_macs for x in launches if x.direction == 'bwd') / bm:.2f}x.")
     return "\n".join(lines)
+
+
+#: (L, D) at 512 x 512 px: the paper's ResNet stages (SPEC.md section 1: 16-pixel windows;
+#: stages 1, 2 and 4 share L = 1024 and D = 4096) and a ViT-B token map
+STAGES = {"stages 1, 2, 4": (1024, 4096), "stage 3": (1024, 2048), "stage 5": (1024, 8192), "vit-b": (1024, 768)}
+#: [|P|, |N|, |K|] per image at L = 1024: 15 % and 30 % tampered area (issue 18's shapes)
+MASKS = ((93, 877, 54), (300, 650, 74))
+#: issue 18's targets for predicted / floor (forward + backward, launches excluded)
+TARGETS = {(93, 877, 54): 1.5, (300, 650, 74): 2.0}
+DTYPES = (("bf16", 2, "tf32x3"), ("fp32", 4, "tf32x3"), ("fp32 ieee", 4, "ieee"))
+
+
+def stage_table(B: int = 4) -> str:
+    lines = ["| stage | L | D | dtype | [P, N, K] | forward us | backward us | floor us | predicted / floor | "
+             "largest launch (bound) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for stage, (L, D) in STAGES.items():
+        for dname, esize, prec in DTYPES:
+            for c in MASKS:
+                launches = ncl_work([c] * B, L, D, esize, prec)
+                sm = summary(launches, [c] * B, L, D, esize)
+                top = max(launches, key=Launch.time)
+                lines.append(f"| {stage} | {L} | {D} | {dname} | {list(c)} | {sm['fwd_s'] * 1e6:.1f} | "
+                             f"{sm['bwd_s'] * 1e6:.1f} | {(sm['floor_fwd_s'] + sm['floor_bwd_s']) * 1e6:.1f} | "
+                             f"{sm['ratio']:.2f}x ({TARGETS[c]}x) | {top.kernel} {top.time() * 1e6:.1f} us ({top.bound()}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    args = ap.parse_args()
+    print(f"Peaks (H200 SXM): HBM {HBM_BW / 1e12:.1f} TB/s, L2 {L2_BW / 1e12:.1f} TB/s (lead), multiply-adds/s "
+          + ", ".join(f"{c} {r / 1e12:.1f} T" for c, r in MAC_RATE.items())
+          + f", SFU {SFU_RATE / 1e12:.2f} T/s, {SMS} SMs; launch overhead {LAUNCH_S * 1e6:.0f} us (apart)\n")
+    for dname, esize, prec in DTYPES:
+        for c in MASKS:
+            print(f"Stage 1 (B = {args.batch}, L = 1024, D = 4096), {dname}, [|P|, |N|, |K|] = {list(c)} per image")
+            print(report([c] * args.batch, 1024, 4096, esize, prec) + "\n")
+    print(stage_table(args.batch))
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

@@ -1,7 +1,14 @@
-"""Every Triton kernel compiles ahead of time for sm_90 and sm_80 at the exact
-arguments a training step passes, and no default variant spills registers
-(`bench/kernel_report.py`; no GPU needed: Triton's own ptxas and cuobjdump). The
-stored path's backward keeps two blocks per SM and loads S in 128-bit vectors."""
+"""Every kernel compiles ahead of time for sm_90 and sm_80 at the exact arguments a
+training step passes (`bench/kernel_report.py`; no GPU needed: Triton's own ptxas and
+cuobjdump, and nvcc for the extension), with no spill beyond the known ones listed
+here; the stored path's backward keeps two blocks per SM and loads S in 128-bit
+vectors; the Hopper builds of the GEMMs use wgmma.
+
+The variants: the report's representative subset (`--subset`: every kernel, p = 8, 4
+and 1, fp32 tf32x3 and ieee, bf16, fp16, both layouts, both architectures). The whole
+set (every combination; about half an hour on 2 cores) runs with
+NCL_FAST_KERNEL_REPORT=full."""
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +19,48 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
+#: Spills known today, (kernel, variant, arch) -> spill bytes (stores + loads) as ptxas
+#: reports them (bench/KERNEL_REPORT.md): a spill elsewhere, or a larger one, fails.
+KNOWN_SPILLS = {
+    # the bounded kernels (and the p = 1 similarity GEMM) with NCL_FAST_FP32_DOT_PRECISION=ieee
+    ("_ncl_pair_fwd_kernel", "stage 1, float32:ieee, contiguous", "sm_80"): 32,
+    ("_ncl_pair_bwd_kernel", "stage 1, float32:ieee, contiguous", "sm_80"): 24,
+    ("_ncl_pair_fwd_kernel", "stage 1, float32:ieee, channels_last", "sm_80"): 16,
+    ("_ncl_pair_bwd_kernel", "stage 1, float32:ieee, channels_last", "sm_90"): 48,
+    ("_ncl_pair_bwd_kernel", "stage 1, float32:ieee, channels_last", "sm_80"): 24,
+    ("_ncl_pair_fwd_kernel", "stage 2, float32:ieee, contiguous", "sm_80"): 24,
+    ("_ncl_pair_bwd_kernel", "stage 2, float32:ieee, contiguous", "sm_80"): 24,
+    ("_ncl_pair_fwd_kernel", "stage 2, float32:ieee, channels_last", "sm_80"): 16,
+    ("_ncl_pair_bwd_kernel", "stage 2, float32:ieee, channels_last", "sm_90"): 48,
+    ("_ncl_pair_bwd_kernel", "stage 2, float32:ieee, channels_last", "sm_80"): 24,
+    ("_ncl_pair_bwd_kernel", "vit-b, float32:ieee, contiguous", "sm_80"): 80,
+    ("_ncl_sim_kernel", "vit-b, float32:ieee, channels_last", "sm_90"): 8,
+    ("_ncl_pair_fwd_kernel", "vit-b, float32:ieee, channels_last", "sm_80"): 16,
+    ("_ncl_pair_bwd_kernel", "vit-b, float32:ieee, channels_last", "sm_80"): 24,
+    # the extension's PC-loss backward with bf16/fp16 masks (issue 18, item 8)
+    ("void ncl_fast::pc_loss_backward_kernel<c10::BFloat16, c10::BFloat16, f", "extension", "sm_90"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::BFloat16, c10::Half, float", "extension", "sm_90"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::Half, c10::BFloat16, float", "extension", "sm_90"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::Half, c10::Half, float>", "extension", "sm_90"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<float, c10::BFloat16, float>", "extension", "sm_90"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<float, c10::Half, float>", "extension", "sm_90"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::BFloat16, c10::BFloat16, f", "extension", "sm_80"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::BFloat16, c10::Half, float", "extension", "sm_80"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::Half, c10::BFloat16, float", "extension", "sm_80"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<c10::Half, c10::Half, float>", "extension", "sm_80"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<float, c10::BFloat16, float>", "extension", "sm_80"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<float, c10::Half, float>", "extension", "sm_80"): 16,
+    ("void ncl_fast::pc_loss_backward_kernel<double, c10::BFloat16, double>", "extension", "sm_80"): 8,
+    ("void ncl_fast::pc_loss_backward_kernel<double, c10::Half, double>", "extension", "sm_80"): 8,
+}
 
-def test_kernels_compile_for_sm90_and_sm80_without_spills():
+#: Every Triton kernel of one NCL forward + backward (and the patch labels').
+TRITON_KERNELS = ("_patch_labels_fwd_kernel", "_patch_lists_fwd_kernel", "_ncl_stats_fwd_kernel", "_ncl_sim_kernel",
+                  "_ncl_rows_kernel", "_ncl_pair_fwd_kernel", "_ncl_anchor_fwd_kernel", "_ncl_grad_kernel",
+                  "_ncl_pair_bwd_kernel", "_ncl_anchor_bwd_kernel", "_ncl_anchor_grad_kernel")
+
+
+def _report(tmp_path):
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -23,35 +70,54 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
         if "aot" in os.environ.get("NCL_FAST_REQUIRE", "").split(","):
             pytest.fail(f"NCL_FAST_REQUIRE lists aot, but Triton ships no ptxas at {ptxas}")
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    full = os.environ.get("NCL_FAST_KERNEL_REPORT", "") == "full"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # stage 1 covers every kernel and variant (stage 2 differs only in runtime sizes)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), "--stages", "stage 1", "--no-cuda-ext",
-         "--load-lines", "_ncl_grad_kernel"],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "every kernel compiled; no spills" in out
-    for kernel in ("_ncl_sim_kernel", "_ncl_grad_kernel", "_ncl_rows_kernel", "_patch_labels_fwd_kernel"):
-        assert f"| {kernel} |" in out, kernel
-    assert "| sm_90 |" in out and "| sm_80 |" in out
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), "--json", str(out),
+           "--load-lines", "_ncl_grad_kernel", "--jobs", "2"] + ([] if full else ["--subset"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    assert out.exists(), (proc.stdout + proc.stderr)[-4000:]
+    return proc, json.loads(out.read_text()), full
+
+
+def test_kernels_compile_for_sm90_and_sm80_without_new_spills(tmp_path):
+    proc, data, full = _report(tmp_path)
+    text = proc.stdout + proc.stderr
+    # nothing failed to compile (nvcc included); every spill is a known one, no larger
+    failures = [p for p in data["problems"] if ": spills " not in p]
+    assert not failures, failures
+    for kernel, variant, arch, nbytes in data["spills"]:
+        known = KNOWN_SPILLS.get((kernel, variant, arch))
+        assert known is not None and nbytes <= known, f"{kernel} [{variant}] {arch} spills {nbytes} B (known: {known})"
+    assert proc.returncode == (1 if data["spills"] else 0), text[-4000:]
+    # every p, precision and layout, and (below) every kernel of each variant on both
+    # architectures
+    variants = data["variants"]
+    assert len(variants) == (3 * 4 * 2 if full else 7)
+    assert {p for *_, p in variants} == {8, 4, 1}
+    assert {d for _, d, _, _ in variants} == {"float32", "float32:ieee", "bfloat16", "float16"}
+    assert {lay for _, _, lay, _ in variants} == {"contiguous", "channels_last"}
+    names = {f"{s}, {d}, {lay}" for s, d, lay, _ in variants}
+    rows = {(r[0], r[1], r[2]): r for r in data["triton"]}
+    for kernel in TRITON_KERNELS:
+        for variant in names:
+            for arch in ("sm_90", "sm_80"):
+                assert (kernel, variant, arch) in rows, (kernel, variant, arch)
+    assert {r[1] for r in data["cuda"]} == {"sm_90", "sm_80"}
     # wgmma in the Hopper builds of both GEMM kernels, for every input dtype
-    for line in out.splitlines():
-        if line.startswith(("| _ncl_sim_kernel", "| _ncl_grad_kernel")) and "| sm_90 |" in line:
-            assert "wgmma" in line, line
+    # (ieee: the similarities run on FFMA, the backward's GEMM too)
+    for (kernel, variant, arch), r in rows.items():
+        if kernel in ("_ncl_sim_kernel", "_ncl_grad_kernel") and arch == "sm_90" and "ieee" not in variant:
+            assert r[9].startswith("wgmma"), r
     # the backward: at least two resident blocks per SM (registers and shared memory),
     # on both architectures, in every variant
-    header = next(line for line in out.splitlines() if line.startswith("| kernel |"))
-    col = [c.strip() for c in header.strip("|").split("|")].index("blocks/SM")
-    grad_rows = [line for line in out.splitlines()
-                 if line.startswith("| _ncl_grad_kernel |") and ("| sm_90 |" in line or "| sm_80 |" in line)]
-    assert len(grad_rows) == 12, grad_rows  # 3 dtypes x 2 layouts x 2 architectures
-    for line in grad_rows:
-        assert int(line.strip("|").split("|")[col].split()[0]) >= 2, line
+    grad = [r for (kernel, _, _), r in rows.items() if kernel == "_ncl_grad_kernel"]
+    assert len(grad) == 2 * len(names)
+    for r in grad:
+        assert int(str(r[8]).split()[0]) >= 2, r
     # ... and every load of S (its rows padded to 16 bytes) is a 128-bit load or a
     # 16-byte cp.async
-    s_loads = [line for line in out.splitlines() if "tl.load(ws_b +" in line]
-    assert len(s_loads) >= 24, s_loads  # both tiles of S, 12 variants
+    s_loads = [line for line in text.splitlines() if "tl.load(ws_b +" in line]
+    assert len(s_loads) >= 2 * len(grad), s_loads  # both tiles of S, every variant
     for line in s_loads:
         assert " x ld.global.v4.b32 " in line or " x cp.async 16 B " in line, line
