@@ -95,7 +95,10 @@ def _softplus(z):
 
 @triton.jit
 def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
+    # exp(-|z|) <= 1: no overflow for any z (1 / (1 + exp(-z)) overflows below z = -88)
+    u = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + u)
+    return tl.where(z >= 0, r, u * r)
 
 
 @triton.jit
@@ -175,11 +178,13 @@ def _store_row_stats(lse_ptr, w_ptr, part_ptr, b, L, n_blocks, pid, rows, rmask,
 
 @triton.jit
 def _anchor_coef(x_is_p, s, lse, w, k2or3, IS_POS: tl.constexpr):
-    """dL/ds(a, x) for the anchor a+ (IS_POS) or a-: see the module docstring."""
+    """dL/ds(a, x) for the anchor a+ (IS_POS) or a-: see the module docstring. The exp's
+    argument is <= 0 on the lanes each branch keeps (s <= lse there); the cap keeps the
+    discarded lanes finite at small tau."""
     if IS_POS:  # positives P, negatives N
-        return tl.where(x_is_p, -k2or3 * _sigmoid(lse - s), k2or3 * w * tl.exp(s - lse))
+        return tl.where(x_is_p, -k2or3 * _sigmoid(lse - s), k2or3 * w * tl.exp(tl.minimum(s - lse, 80.0)))
     else:  # positives N, negatives P
-        return tl.where(x_is_p, k2or3 * w * tl.exp(s - lse), -k2or3 * _sigmoid(lse - s))
+        return tl.where(x_is_p, k2or3 * w * tl.exp(tl.minimum(s - lse, 80.0)), -k2or3 * _sigmoid(lse - s))
 
 
 @triton.jit

@@ -629,3 +629,30 @@ def test_second_backward_of_one_graph(gen, monkeypatch):
     first, = torch.autograd.grad(terms.sum(), leaf, retain_graph=True)
     second, = torch.autograd.grad(terms.sum(), leaf)
     assert torch.equal(first, second) and first.abs().sum() > 0
+
+
+def test_small_tau_forms_no_overflow(impl, gen):
+    # tau = 0.01 puts s / tau near +-100: every exp the kernels form (the discarded branch of
+    # a `where` included) must stay finite. The interpreter's overflow warnings are errors
+    # here (pyproject.toml), and the values and gradients match the float64 oracle.
+    # Tampered patches near +1, authentic near -1 (a fifth the other way round), contour
+    # patches at random; the anchors
+    # +1 and -1: cosines near +-1, so a discarded lane's s - lse reaches about 2 / tau.
+    B, C, h, p = 2, 4, 12, 2
+    _, labels, _, _ = make_case((B, C, h, h, p), "blobs", gen)
+    sign = torch.tensor([-1.0, 1.0, 0.0])[labels.long()].view(B, 1, h // p, h // p)
+    # a fifth of the patches on the wrong side: their terms (and gradients) are far from 0
+    sign = torch.where(torch.rand(sign.shape, generator=gen) < 0.2, -sign, sign)
+    sign = sign.repeat_interleave(p, 2).repeat_interleave(p, 3)
+    feat = sign + torch.where(sign == 0, 1.0, 0.05) * torch.randn(B, C, h, h, generator=gen)
+    a_pos = 1.0 + 0.05 * torch.randn(B, C * p * p, generator=gen)
+    a_neg = -a_pos
+    tau = 0.01
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    got, grads = terms_and_grads(impl, feat, labels, a_pos, a_neg, 2, tau, grad_out)
+    check(got, oracles.ncl_terms(feat.double(), labels, a_pos.double(), a_neg.double(), 2, tau).float(),
+          *SAME_VALUES[torch.float32])
+    # gradients: the reference in float64 (its gradients are checked by gradcheck)
+    _, want = terms_and_grads("reference", feat.double(), labels, a_pos.double(), a_neg.double(), 2, tau,
+                              grad_out.double())
+    check_grads(grads, [g.float() for g in want], torch.float32)
