@@ -522,14 +522,12 @@ def _k_coef(s: Shape) -> Launch | None:
     for t in range(work.total):
         b = work.find(t)
         p, n, u, _, _ = imgs[b]
-        ld = ws_ld(p, n)
         tm, tn = divmod(t - work.starts[b], cdiv(u, bn))
         rv, cl, cu = _rows(tm * bm, bm, p), _span(tn * bn, bn, 0, ws_ld(p, n)), _span(tn * bn, bn, 0, u)
         # the search, start, counts, both blocks' offsets; S; lam, W
         g = Prog(loaded=4 * s.log_b + 4 + 8 + 16 + 4 * rv * cl + 8 * rv, stored=4 * rv + 4 * cu + 4 * rv * cl)
         g.sfu += bm * bn * (1 if tn * bn >= p else 2)  # one exp per element; 1/x on tiles with tampered columns
         items.append(g)
-        del ld
     _persistent(out, items, _persistent_programs(s, k.COEF_PER_SM, s.B * cdiv(s.L, bn) * cdiv(s.L, bm)))
     for (p, n, u, t1, st), c in zip(imgs, per):
         if c:
@@ -722,12 +720,13 @@ def _exists(kernel) -> bool:
 
 
 def ncl_work(counts, L: int, D: int, esize: int, precision: str = "tf32x3", slot: int | None = None,
-             sms: int = SMS, dtype: str = "") -> list[Launch]:
+             sms: int = SMS, dtype: str = "", patch: int = 16) -> list[Launch]:
     """Every launch of one NCL forward + backward. `counts[b] = (|P|, |N|, |K|)`; `slot`: fp32
     values of workspace per image (default the op's `workspace_slot(L)`); `sms`: the
     multiprocessors the persistent grids are sized for; `dtype`: "fp16" for fp16 features
-    (default fp32 or bf16 by `esize`)."""
-    s = Shape(list(counts), L, D, esize, precision, slot, sms, dtype)
+    (default fp32 or bf16 by `esize`); `patch`: the patch's side in cells of the map (NCHW
+    maps at p = 1 take the half similarity GEMM's narrower K chunks)."""
+    s = Shape(list(counts), L, D, esize, precision, slot, sms, dtype, patch)
     launches = [f(s) for f, kernel in KERNELS if _exists(kernel)]
     return [x for x in launches if x is not None]
 
@@ -790,6 +789,8 @@ def report(counts, L, D, esize, precision="tf32x3", slot=None) -> str:
 #: (L, D) at 512 x 512 px: the paper's ResNet stages (SPEC.md section 1: 16-pixel windows;
 #: stages 1, 2 and 4 share L = 1024 and D = 4096) and a ViT-B token map
 STAGES = {"stages 1, 2, 4": (1024, 4096), "stage 3": (1024, 2048), "stage 5": (1024, 8192), "vit-b": (1024, 768)}
+#: a ViT's token map holds one token per patch (p = 1); the ResNet stages more cells
+STAGE_PATCH = {"vit-b": 1}
 #: [|P|, |N|, |K|] per image at L = 1024: 15 % and 30 % tampered area (issue 18's shapes)
 MASKS = ((93, 877, 54), (300, 650, 74))
 #: issue 18's targets for predicted / floor (forward + backward, launches excluded)
@@ -803,7 +804,7 @@ def stage_table(B: int = 4) -> str:
     for stage, (L, D) in STAGES.items():
         for dname, esize, prec in DTYPES:
             for c in MASKS:
-                launches = ncl_work([c] * B, L, D, esize, prec)
+                launches = ncl_work([c] * B, L, D, esize, prec, patch=STAGE_PATCH.get(stage, 16))
                 sm = summary(launches, [c] * B, L, D, esize)
                 top = max(launches, key=Launch.time)
                 lines.append(f"| {stage} | {L} | {D} | {dname} | {list(c)} | {sm['fwd_s'] * 1e6:.1f} | "
