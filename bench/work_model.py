@@ -4,7 +4,10 @@ execute, and a roofline time at the H200's peaks, against the floor.
 Per launch (one function per kernel below, `_k_<kernel>`, written from the kernel's
 own loops and masks, so that a redesigned kernel is one new function):
 
-* programs launched, and programs that do work (past their early exits);
+* programs launched, and programs that do work (past their early exits; a persistent
+  program with at least one item of its work list, items dealt as the kernel does:
+  program pid takes items pid, pid + programs, ..., the grid sized for `sms` SMs, and
+  the similarity GEMM's split-K parts as `_ncl_plan_kernel` chooses them);
 * multiply-adds by the instruction that runs them: `tl.dot` tiles as executed (padding
   included) at the rate of their class ("half": bf16/fp16 on the tensor cores,
   "tf32", "tf32x3": three tf32 products per multiply-add, "ieee": fp32 FFMA on the
@@ -21,7 +24,8 @@ SFU time, HBM time ((hbm_read + stored) / HBM_BW), L2 time ((loaded + stored) /
 L2_BW) and the time of its heaviest program on one SM's share of those rates (a launch
 cannot finish before its longest program). Launch overhead (`LAUNCH_S` per launch) is
 reported apart ("launches excluded" in the targets). The workspace's zero-fill
-(`torch.zeros`, one memset) is a launch of its own.
+(`torch.zeros`, one memset) is a launch of its own; the coefficient buffer G is not
+filled. A path that no image can take (from L and the slot) launches nothing.
 
 The floor, per direction: the fewest bytes (forward: each used patch's features read
 once; backward: read once, and the whole feature gradient written once) at HBM_BW,
@@ -188,7 +192,9 @@ class Launch:
 @dataclass
 class Shape:
     """One NCL forward + backward: per image `(|P|, |N|, |K|)`, L patches of D values,
-    features (and anchors, gradients) of `esize` bytes, fp32 dots at `precision`."""
+    features (and anchors, gradients) of `esize` bytes (`dtype` "fp32", "bf16" or "fp16";
+    default: fp32 or bf16 by the size), fp32 dots at `precision`, persistent grids sized
+    for `sms` multiprocessors."""
 
     counts: list
     L: int
@@ -196,6 +202,13 @@ class Shape:
     esize: int
     precision: str = "tf32x3"
     slot: int | None = None  # fp32 values of workspace per image (default: the op's)
+    sms: int = SMS
+    dtype: str = ""
+    patch: int = 16  # side of a patch (the half similarity GEMM's K chunk at p = 1)
+    channels_last: bool = False
+
+    def __post_init__(self):
+        self.dtype = self.dtype or ("fp32" if self.esize == 4 else "bf16")
 
     @property
     def B(self) -> int:
@@ -204,7 +217,7 @@ class Shape:
     @property
     def up(self) -> bool:
         """fp32 operands (the kernels' UPCAST; the GPU's, not the interpreter's bf16 upcast)."""
-        return self.esize == 4
+        return self.dtype == "fp32"
 
     @property
     def sim_class(self) -> str:
@@ -212,16 +225,52 @@ class Shape:
 
     @property
     def coef_class(self) -> str:
-        """The backward's GEMMs: fp32 coefficients x features."""
-        return self.precision if self.up else "tf32"
+        """The stored backward's GEMMs: G x features (bf16: both in bf16; fp16: tf32)."""
+        return self.precision if self.up else ("half" if self.dtype == "bf16" else "tf32")
+
+    @property
+    def slot_(self) -> int:
+        return default_slot(self.L) if self.slot is None else self.slot
+
+    @property
+    def log_b(self) -> int:
+        return max(0, (self.B - 1).bit_length())
+
+    @property
+    def sim_bk(self) -> int:
+        """`ncl_terms._sim_bk`: the similarity GEMM's K chunk."""
+        from ncl_fast.kernels import ncl_stored as k
+
+        if self.up:
+            return k.SIM_BK_F32 // 2 if self.precision == "ieee" else k.SIM_BK_F32
+        return k.SIM_BK_HALF // 2 if self.patch == 1 and not self.channels_last else k.SIM_BK_HALF
+
+    def paths(self) -> tuple[bool, bool]:
+        """`ncl_terms._paths`: which paths are launched (from L and the slot alone)."""
+        slot = self.slot_
+        return slot > 0, slot <= 0 or slot < self.L * cdiv(self.L, 4) * 4
 
     def images(self):
         """Per image: (|P|, |N|, used, t1 defined, stored)."""
-        slot = default_slot(self.L) if self.slot is None else self.slot
+        slot = self.slot_
         for p, n, _ in self.counts:
             t1 = p >= 2 and n >= 1
             size = p * ws_ld(p, n) if t1 else 0
-            yield p, n, p + n, t1, size <= slot
+            yield p, n, p + n, t1, size <= slot and slot > 0
+
+    def splits(self, p: int, n: int) -> int:
+        """`_ncl_plan_kernel`: parts of D of an image's similarity GEMM."""
+        from ncl_fast.kernels import ncl_stored as k
+
+        u, slot = p + n, self.slot_
+        size = p * ws_ld(p, n) if (p >= 2 and n >= 1) else 0
+        n_k = cdiv(self.D, self.sim_bk)
+        tiles = cdiv(p, k.SIM_BM) * cdiv(u, k.SIM_BN)
+        target = cdiv(k.SIM_PER_SM * self.sms, self.B)
+        s = min(max(cdiv(target, max(tiles, 1)), 1), k.SIM_SPLITS)
+        s = max(min(s, slot // max(size, 1)), 1)
+        s = min(s, n_k)
+        return cdiv(n_k, cdiv(n_k, s))
 
 
 def _rows(x0: int, block: int, hi: int) -> int:
@@ -229,7 +278,72 @@ def _rows(x0: int, block: int, hi: int) -> int:
     return max(0, min(block, hi - x0))
 
 
+def _span(c0: int, block: int, lo: int, hi: int) -> int:
+    """Columns of [c0, c0 + block) inside [lo, hi)."""
+    return max(0, min(c0 + block, hi) - max(c0, lo))
+
+
+class Work:
+    """A work list (`_ncl_plan_kernel`'s prefix sums of one kind): the items of every
+    image, the sched entries `_find_image`'s binary search reads, and the persistent
+    programs' share (program pid runs items pid, pid + programs, ...)."""
+
+    def __init__(self, s: Shape, per_image: list[int]):
+        self.starts = [0]
+        for c in per_image:
+            self.starts.append(self.starts[-1] + c)
+        self.B, self.log_b = s.B, s.log_b
+        self.total = self.starts[-1]
+        self.read = {self.B}  # sched[B]: the count, every program
+
+    def find(self, t: int, start: bool = True) -> int:
+        """The image of item t (`_find_image`), noting the entries read; `start`: the kernel
+        then reads the image's own start."""
+        lo, hi = 0, self.B
+        for _ in range(self.log_b):
+            mid = (lo + hi) // 2
+            self.read.add(mid)
+            if self.starts[mid] <= t:
+                lo = mid
+            else:
+                hi = mid
+        if start:
+            self.read.add(lo)
+        return lo
+
+    @property
+    def hbm(self) -> int:
+        return 4 * len(self.read)
+
+
+def _persistent(out: "Launch", items: list[Prog], programs: int) -> None:
+    """Programs of a persistent launch, each loading the count (4 bytes), then its items."""
+    for pid in range(programs):
+        g = Prog(loaded=4)
+        mine = items[pid::programs]
+        for it in mine:
+            g.loaded += it.loaded
+            g.stored += it.stored
+            g.sfu += it.sfu
+            g.ffma += it.ffma
+            for c, v in it.macs.items():
+                g.dot(c, v)
+        out.add(g, working=bool(mine))
+
+
+def _persistent_programs(s: Shape, per_sm: int, upper: int) -> int:
+    return max(1, min(upper, per_sm * s.sms))
+
+
 # ---- one function per kernel ------------------------------------------------------------
+
+
+def _k_plan(s: Shape) -> Launch:
+    """One program: the plan (B x 3 int64) and five work lists (5 x (B + 1) int32)."""
+    out = Launch("_ncl_plan_kernel", "fwd")
+    out.add(Prog(loaded=8 * s.B, stored=5 * 4 + 3 * 8 * s.B + 5 * 4 * s.B))
+    out.hbm_read += 8 * s.B
+    return out
 
 
 def _k_stats_fwd(s: Shape) -> Launch:
@@ -244,7 +358,7 @@ def _k_stats_fwd(s: Shape) -> Launch:
             g = Prog(loaded=8, stored=3 * 4 * lanes)  # counts; nrm, s(a+), s(a-) (zeros past the lists)
             g.stored += 2 * 4 * sum(1 for x in range(x0, x0 + lanes) if not (t1 and x < p))  # lam, W zeros
             if pid == 0:
-                g.stored += 16 + 8  # plan; the anchors' norms
+                g.stored += 8  # the anchors' norms
             elif x0 >= u:
                 out.add(g, working=False)
                 continue
@@ -257,72 +371,106 @@ def _k_stats_fwd(s: Shape) -> Launch:
     return out
 
 
-def _k_sim(s: Shape) -> Launch:
+def _k_sim(s: Shape) -> Launch | None:
     from ncl_fast.kernels import ncl_stored as k
 
-    bm, bn, L, D = k.SIM_BM, k.SIM_BN, s.L, s.D
-    bk = k.SIM_BK_F32 if s.up else k.SIM_BK_HALF
-    slot = default_slot(L) if s.slot is None else s.slot
-    full = slot > 0  # the launcher's grid: one program per image when nothing can be stored
-    n_tm, n_tn = (cdiv(L, bm), cdiv(L, bn)) if full else (1, 1)
+    if not s.paths()[0]:
+        return None
+    bm, bn, bk, D = k.SIM_BM, k.SIM_BN, s.sim_bk, s.D
     out = Launch("_ncl_sim_kernel", "fwd")
-    for p, n, u, t1, st in s.images():
-        idle = Prog(loaded=16)  # counts, plan
-        busy = 0
-        for tm in range(n_tm):
-            for tn in range(n_tn):
-                rv, cv = _rows(tm * bm, bm, p), _rows(tn * bn, bn, u)
-                if not (st and t1 and rv and cv):
-                    out.add(idle, working=False)
-                    continue
-                busy += 1
-                g = Prog(loaded=24 + 8 * (rv + cv) + (rv + cv) * D * s.esize, stored=4 * rv * cv, sfu=bm + bn)
-                g.dot(s.sim_class, bm * bn * cdiv(D, bk) * bk)
-                out.add(g)
-        out.hbm_read += 16 + (8 + 8 * u + u * D * s.esize if busy else 0)
+    imgs = list(s.images())
+    per = [cdiv(p, bm) * cdiv(u, bn) * s.splits(p, n) if (t1 and st) else 0 for p, n, u, t1, st in imgs]
+    work = Work(s, per)
+    items = []
+    for t in range(work.total):
+        b = work.find(t)
+        p, n, u, _, _ = imgs[b]
+        splits, n_tn = s.splits(p, n), cdiv(u, bn)
+        local = t - work.starts[b]
+        n_tiles = cdiv(p, bm) * n_tn
+        ks, tile = divmod(local, n_tiles)
+        tm, tn = divmod(tile, n_tn)
+        chunk = cdiv(cdiv(D, splits), bk) * bk
+        k_lo, k_hi = ks * chunk, min(ks * chunk + chunk, D)
+        rv, cv = _rows(tm * bm, bm, p), _rows(tn * bn, bn, u)
+        # the binary search, the image's start, counts, splits; perm and norms; the features; the offset
+        g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 8 * (rv + cv) + (rv + cv) * (k_hi - k_lo) * s.esize + 8,
+                 stored=4 * rv * cv, sfu=bm + bn)
+        g.dot(s.sim_class, bm * bn * cdiv(k_hi - k_lo, bk) * bk)
+        items.append(g)
+    _persistent(out, items, _persistent_programs(s, k.SIM_PER_SM, s.B * cdiv(s.L, bm) * cdiv(s.L, bn) * k.SIM_SPLITS))
+    for (p, n, u, t1, st), c in zip(imgs, per):
+        if c:
+            out.hbm_read += 8 + 16 + 8 * u + u * D * s.esize  # counts, plan; perm, norms, features
+    out.hbm_read += work.hbm
     return out
 
 
-def _k_rows(s: Shape) -> Launch:
+def _k_rows(s: Shape) -> Launch | None:
     from ncl_fast.kernels import ncl_stored as k
 
+    if not s.paths()[0]:
+        return None
     bm, bc = k.ROWS_BM, k.ROWS_BC
     out = Launch("_ncl_rows_kernel", "fwd")
-    for p, n, u, t1, st in s.images():
-        for pid in range(cdiv(s.L, bm)):
-            rv = _rows(pid * bm, bm, p)
-            if not (st and t1 and rv):
-                out.add(Prog(loaded=16, stored=4), working=False)
-                continue
-            g = Prog(loaded=24 + 4 * rv * n + 4 * rv * (p - 1), stored=8 * rv + 4)
-            g.sfu += cdiv(n, bc) * (bm + bm * bc) + bm  # online log-sum-exp: exp per lane and rescale; log
-            g.sfu += cdiv(p, bc) * 4 * bm * bc  # softplus (exp, log) and sigmoid (exp, 1/x), every lane
-            out.add(g)
-        out.hbm_read += 16 + (4 * p * (n + p - 1) + 8 if (st and t1) else 0)
+    imgs = list(s.images())
+    per = [cdiv(p, bm) if (t1 and st) else 0 for p, n, u, t1, st in imgs]
+    work = Work(s, per)
+    items = []
+    for t in range(work.total):
+        b = work.find(t)
+        p, n, u, _, _ = imgs[b]
+        splits, ld = s.splits(p, n), ws_ld(p, n)
+        blk = t - work.starts[b]
+        rv = _rows(blk * bm, bm, p)
+        g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 8, stored=8 * rv + 4, sfu=bm)  # ...; the offset; log
+        for c0 in range(p // 4 * 4, u, bc):  # 1. the online log-sum-exp over N
+            g.loaded += 4 * rv * _span(c0, bc, 0, ld) * splits
+            g.stored += 4 * rv * _span(c0, bc, p, u) if splits > 1 else 0
+            g.sfu += bm + bm * bc
+        for c0 in range(0, p, bc):  # 2. softplus (exp, log) and sigmoid (exp, 1/x), every lane
+            g.loaded += 4 * rv * _span(c0, bc, 0, ld) * splits
+            g.stored += 4 * rv * _span(c0, bc, 0, p) if splits > 1 else 0
+            g.sfu += 4 * bm * bc
+        items.append(g)
+    _persistent(out, items, _persistent_programs(s, k.ROWS_PER_SM, s.B * cdiv(s.L, bm)))
+    for (p, n, u, t1, st), c in zip(imgs, per):
+        if c:
+            out.hbm_read += 8 + 16 + 4 * s.splits(p, n) * p * ws_ld(p, n)
+    out.hbm_read += work.hbm
     return out
 
 
-def _k_pair_fwd(s: Shape) -> Launch:
+def _k_pair_fwd(s: Shape) -> Launch | None:
     from ncl_fast.kernels import ncl_bounded as k
 
+    if not s.paths()[1]:
+        return None
     bm, bn, D = k.BLOCK_M, k.BLOCK_N, s.D
-    bk = k.BLOCK_K_F32_BOUNDED if s.up else k.BLOCK_K
+    bk = (k.BLOCK_K_F32_IEEE if s.precision == "ieee" else k.BLOCK_K_F32_BOUNDED) if s.up else k.BLOCK_K
     out = Launch("_ncl_pair_fwd_kernel", "fwd")
-    for p, n, u, t1, st in s.images():
-        for pid in range(cdiv(s.L, bm)):
-            rv = _rows(pid * bm, bm, p)
-            if st or not t1 or not rv:
-                out.add(Prog(loaded=16, stored=4), working=False)
-                continue
-            g = Prog(loaded=16 + 8 * rv, stored=8 * rv + 4, sfu=bm + bm)  # 1/|f_m|; log of the row sums
-            for lo, hi, per_tile in ((p, u, bm * bn + bm), (0, p, 4 * bm * bn)):
-                for c0 in range(lo, hi, bn):
-                    cv = _rows(c0, bn, hi)
-                    g.loaded += 8 * cv + (rv + cv) * D * s.esize
-                    g.sfu += bn + per_tile
-                    g.dot(s.sim_class, bm * bn * cdiv(D, bk) * bk)
-            out.add(g)
-        out.hbm_read += 16 + (8 * u + u * D * s.esize if (t1 and not st) else 0)
+    imgs = list(s.images())
+    per = [cdiv(p, bm) if (t1 and not st) else 0 for p, n, u, t1, st in imgs]
+    work = Work(s, per)
+    for t in range(s.B * cdiv(s.L, bm)):
+        if t >= work.total:
+            out.add(Prog(loaded=4), working=False)
+            continue
+        b = work.find(t)
+        p, n, u, _, _ = imgs[b]
+        rv = _rows((t - work.starts[b]) * bm, bm, p)
+        g = Prog(loaded=4 + 4 * s.log_b + 4 + 8 + 8 * rv, stored=8 * rv + 4, sfu=bm + bm)  # 1/|f_m|; log
+        for lo, hi, per_tile in ((p, u, bm * bn + bm), (0, p, 4 * bm * bn)):
+            for c0 in range(lo, hi, bn):
+                cv = _rows(c0, bn, hi)
+                g.loaded += 8 * cv + (rv + cv) * D * s.esize
+                g.sfu += bn + per_tile
+                g.dot(s.sim_class, bm * bn * cdiv(D, bk) * bk)
+        out.add(g)
+    for (p, n, u, t1, st), c in zip(imgs, per):
+        if c:
+            out.hbm_read += 8 + 8 * u + u * D * s.esize
+    out.hbm_read += work.hbm
     return out
 
 
@@ -331,18 +479,20 @@ def _k_anchor_fwd(s: Shape) -> Launch:
     from ncl_fast.kernels import ncl_stored as ks
 
     blk = 256
-    n_s, n_b = cdiv(s.L, ks.ROWS_BM), cdiv(s.L, kb.BLOCK_M)
+    bounded = s.paths()[1]
     out = Launch("_ncl_anchor_fwd_kernel", "fwd")
-    for p, n, u, _, _ in s.images():
+    for p, n, u, t1, st in s.images():
+        n_s = cdiv(p, ks.ROWS_BM) if (t1 and st) else 0
+        n_b = cdiv(p, kb.BLOCK_M) if (t1 and not st and bounded) else 0
         for which, (neg, pos) in enumerate(((n, p), (p, n))):
             g = Prog(loaded=12 + 4 * (neg + pos), stored=12, sfu=1 + 1)  # log of the sum; the mean's 1/x
             g.sfu += cdiv(neg, blk) * 2 * blk + blk + cdiv(pos, blk) * 4 * blk
-            if which == 0:
-                g.loaded += 4 * (n_s + n_b) + 4
+            if which == 0:  # t1 from the row blocks' sums: counts, the plan's flag (twice), the sums
+                g.loaded += 12 + 16 + 4 * (n_s + n_b)
                 g.stored += 4
                 g.sfu += 1
             out.add(g)
-        out.hbm_read += 12 + 4 * (n_s + n_b) + 2 * 4 * u
+        out.hbm_read += 12 + 8 + 2 * 4 * u + 4 * (n_s + n_b)
     return out
 
 
@@ -358,95 +508,136 @@ def _grad_out(g: Prog, bx: int, bd: int, kw: int, esize: int) -> None:
     g.sfu += 2 * bd + bx
 
 
-def _k_grad(s: Shape) -> Launch:
+def _k_coef(s: Shape) -> Launch | None:
     from ncl_fast.kernels import ncl_stored as k
 
-    bx, bd, L, D = k.GRAD_BX, k.GRAD_BD, s.L, s.D
-    by = k.GRAD_BY_F32 if s.up else k.GRAD_BY
-    n_tx = cdiv(L, bx)
-    out = Launch("_ncl_grad_kernel", "bwd")
-    for p, n, u, t1, st in s.images():
-        ld = ws_ld(p, n)
-        for kw, reps in chunks(D, bd):
-            for tx in range(n_tx):
-                x0 = tx * bx
-                if not st:
-                    out.add(Prog(loaded=8), reps, working=False)
-                    continue
-                gi = _rows(x0, bx, L)
-                if x0 >= u:  # contour patches only: zeros
-                    out.add(Prog(loaded=16 + 4 * gi, stored=gi * kw * s.esize), reps, working=False)
-                    continue
-                xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
-                g = Prog(loaded=16 + 4 * gi, stored=gi * kw * s.esize)  # plan, counts; the store's perm
-                if t1:
-                    g.loaded += 8 + 4  # the block's offset; g1
-                    g.sfu += 1
-                    if x0 < p:  # 1. row x of S, every partner in P u N
-                        steps = cdiv(u, by)
-                        g.loaded += 8 * rp + 4 * rp * ld + 8 * u + u * kw * s.esize
-                        g.sfu += steps * (3 * bx * by + by)  # sigmoid and exp (both branches), 1/|f_y|
-                        g.dot(s.coef_class, steps * bx * by * bd)
-                    steps = cdiv(p, by)  # 2. column x of S, every partner in P
-                    g.loaded += 4 * p * min(bx, max(0, ld - x0)) + 8 * p + 8 * p + p * kw * s.esize
-                    g.sfu += steps * (3 * bx * by + by)
-                    g.dot(s.coef_class, steps * bx * by * bd)
-                _row_setup(g, bx, xv, rp if t1 else 0)
-                g.loaded += 4 * xv + xv * kw * s.esize  # f_x
-                _grad_out(g, bx, bd, kw, s.esize)
-                out.add(g, reps)
-        if st:
-            work = u > 0
-            out.hbm_read += 8 + 4 * L + (8 if not work else 12 + 12 + 8 + 16 + 8 * u + 4 * u
-                                         + u * D * s.esize + 2 * D * s.esize)
-            if t1:
-                out.hbm_read += 8 + 8 * p + 4 * p * ld
-        else:
-            out.hbm_read += 8
+    if not s.paths()[0]:
+        return None
+    bm, bn = k.COEF_BM, k.COEF_BN
+    out = Launch("_ncl_coef_kernel", "bwd")
+    imgs = list(s.images())
+    per = [cdiv(p, bm) * cdiv(u, bn) if (t1 and st) else 0 for p, n, u, t1, st in imgs]
+    work = Work(s, per)
+    items = []
+    for t in range(work.total):
+        b = work.find(t)
+        p, n, u, _, _ = imgs[b]
+        tm, tn = divmod(t - work.starts[b], cdiv(u, bn))
+        rv, cl, cu = _rows(tm * bm, bm, p), _span(tn * bn, bn, 0, ws_ld(p, n)), _span(tn * bn, bn, 0, u)
+        # the search, start, counts, both blocks' offsets; S; lam, W
+        g = Prog(loaded=4 * s.log_b + 4 + 8 + 16 + 4 * rv * cl + 8 * rv, stored=4 * rv + 4 * cu + 4 * rv * cl)
+        g.sfu += bm * bn * (1 if tn * bn >= p else 2)  # one exp per element; 1/x on tiles with tampered columns
+        items.append(g)
+    _persistent(out, items, _persistent_programs(s, k.COEF_PER_SM, s.B * cdiv(s.L, bn) * cdiv(s.L, bm)))
+    for (p, n, u, t1, st), c in zip(imgs, per):
+        if c:
+            out.hbm_read += 8 + 8 + 4 * p * ws_ld(p, n) + 8 * p
+    out.hbm_read += work.hbm
     return out
 
 
-def _k_pair_bwd(s: Shape) -> Launch:
-    from ncl_fast.kernels import ncl_bounded as k
+def _k_grad(s: Shape) -> Launch | None:
+    from ncl_fast.kernels import ncl_stored as k
 
-    bx, bn, L, D = k.BLOCK_M, k.BLOCK_N, s.L, s.D
-    bd = k.BLOCK_D_F32_BOUNDED if s.up else k.BLOCK_D
-    bk = k.BLOCK_K_F32_BOUNDED if s.up else k.BLOCK_K
-    out = Launch("_ncl_pair_bwd_kernel", "bwd")
+    stored_any, check = s.paths()
+    if not stored_any:
+        return None
+    bx, bd, cm, cn, L, D = k.GRAD_BX, k.GRAD_BD, k.COEF_BM, k.COEF_BN, s.L, s.D
+    by = k.GRAD_BY_F32 if s.up else k.GRAD_BY
+    e = s.esize
+    out = Launch("_ncl_grad_kernel", "bwd")
+    flag = 8 if check else 0  # the plan's stored flag, where both paths can run
     for p, n, u, t1, st in s.images():
+        ld = ws_ld(p, n)
         for kw, reps in chunks(D, bd):
             for tx in range(cdiv(L, bx)):
                 x0 = tx * bx
-                if st:
-                    out.add(Prog(loaded=8), reps, working=False)
+                if not st:
+                    out.add(Prog(loaded=flag), reps, working=False)
                     continue
                 gi = _rows(x0, bx, L)
-                if x0 >= u:
-                    out.add(Prog(loaded=16 + 4 * gi, stored=gi * kw * s.esize), reps, working=False)
+                if x0 >= u:  # contour patches only: zeros
+                    out.add(Prog(loaded=flag + 8 + 4 * gi, stored=gi * kw * e), reps, working=False)
                     continue
                 xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
-                g = Prog(loaded=16 + 4 * xv + 4 * gi, stored=gi * kw * s.esize, sfu=bx)  # ...; 1/|f_x|
-                _row_setup(g, bx, xv, rp if t1 else 0)
+                g = Prog(loaded=flag + 8 + 4 * gi, stored=gi * kw * e)  # counts; the store's perm
                 if t1:
-                    y_end = u if x0 < p else p
-                    for y0 in range(0, y_end, bn):
-                        cv, cp = _rows(y0, bn, y_end), _rows(y0, bn, min(y_end, p))
-                        # the tile recomputed over the whole D, then its coefficients and T @ F_y
-                        g.loaded += 8 * cv + 8 * cp + (xv + cv) * D * s.esize + cv * kw * s.esize
-                        g.sfu += bn + 6 * bx * bn
-                        g.dot(s.sim_class, bx * bn * cdiv(D, bk) * bk)
-                        g.dot(s.coef_class, bx * bn * bd)
-                g.loaded += xv * kw * s.esize  # f_x
-                _grad_out(g, bx, bd, kw, s.esize)
+                    g.loaded += 8 + 4  # the block's offset; g1
+                    g.sfu += 1
+                    if x0 < p:  # 1. row x of G, every partner in P u N
+                        for y0 in range(0, u, by):
+                            cv = _rows(y0, by, u)
+                            g.loaded += 4 * rp * _span(y0, by, 0, ld) + 8 * cv + cv * kw * e
+                            g.sfu += by
+                            g.dot(s.coef_class, bx * by * bd)
+                    for m0 in range(0, p, by):  # 2. column x of G, every partner in P
+                        mv = _rows(m0, by, p)
+                        g.loaded += 4 * mv * _span(x0, bx, 0, ld) + 8 * mv + mv * kw * e
+                        g.sfu += by
+                        g.dot(s.coef_class, bx * by * bd)
+                    g.loaded += 4 * rp * cdiv(u, cn) + 4 * xv * cdiv(p, cm)  # the partial dot sums
+                _row_setup(g, bx, xv, rp if t1 else 0)
+                g.loaded += 4 * xv + xv * kw * e  # f_x
+                _grad_out(g, bx, bd, kw, e)
                 out.add(g, reps)
+        out.hbm_read += flag
+        if st:
+            out.hbm_read += 4 * L + (8 if u == 0 else 12 + 12 + 16 + 8 + 4 * u + 8 * u + u * D * e + 2 * D * e)
+            if t1:
+                out.hbm_read += 8 + 8 * p + 4 * p * ld + 4 * p * cdiv(u, cn) + 4 * u * cdiv(p, cm)
+    return out
+
+
+def _k_pair_bwd(s: Shape) -> Launch | None:
+    from ncl_fast.kernels import ncl_bounded as k
+
+    if not s.paths()[1]:
+        return None
+    bx, bn, L, D, e = k.BLOCK_M, k.BLOCK_N, s.L, s.D, s.esize
+    bd = k.BLOCK_D_F32_BOUNDED if s.up else k.BLOCK_D
+    bk = (k.BLOCK_K_F32_IEEE if s.precision == "ieee" else k.BLOCK_K_F32_BOUNDED) if s.up else k.BLOCK_K
+    coef = s.precision if s.up else "tf32"
+    n_tx, n_td = cdiv(L, bx), cdiv(D, bd)
+    per_image = n_tx * n_td
+    out = Launch("_ncl_pair_bwd_kernel", "bwd")
+    imgs = list(s.images())
+    work = Work(s, [0 if st else 1 for *_, st in imgs])
+    for t in range(s.B * per_image):
+        if t >= work.total * per_image:
+            out.add(Prog(loaded=4), working=False)
+            continue
+        b = work.find(t // per_image, start=False)
+        p, n, u, t1, _ = imgs[b]
+        pid_d, pid_x = divmod(t % per_image, n_tx)
+        kw = _rows(pid_d * bd, bd, D)
+        x0 = pid_x * bx
+        gi = _rows(x0, bx, L)
+        g = Prog(loaded=4 + 4 * s.log_b + 8 + 4 * gi, stored=gi * kw * e)  # count, search, counts; the store's perm
+        if x0 >= u:
+            out.add(g, working=False)
+            continue
+        xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
+        g.loaded += 8 + 4 * xv
+        g.sfu += bx  # 1/|f_x|
+        _row_setup(g, bx, xv, rp if t1 else 0)
+        if t1:
+            y_end = u if x0 < p else p
+            for y0 in range(0, y_end, bn):
+                cv, cp = _rows(y0, bn, y_end), _rows(y0, bn, min(y_end, p))
+                # the tile recomputed over the whole D, then its coefficients and T @ F_y
+                g.loaded += 8 * cv + 8 * cp + (xv + cv) * D * e + cv * kw * e
+                g.sfu += bn + 4 * bx * bn
+                g.dot(s.sim_class, bx * bn * cdiv(D, bk) * bk)
+                g.dot(coef, bx * bn * bd)
+        g.loaded += xv * kw * e  # f_x
+        _grad_out(g, bx, bd, kw, e)
+        out.add(g)
+    for p, n, u, t1, st in imgs:
         if not st:
-            work = u > 0
-            out.hbm_read += 8 + 4 * L + (8 if not work else 12 + 12 + 8 + 16 + 8 * u + 4 * u
-                                         + u * D * s.esize + 2 * D * s.esize)
+            out.hbm_read += 4 * L + (8 if u == 0 else 12 + 12 + 16 + 8 + 4 * u + 8 * u + u * D * e + 2 * D * e)
             if t1:
                 out.hbm_read += 8 * p
-        else:
-            out.hbm_read += 8
+    out.hbm_read += work.hbm
     return out
 
 
@@ -488,24 +679,27 @@ def _k_anchor_grad(s: Shape) -> Launch:
 
 
 def _k_ws_fill(s: Shape) -> Launch:
-    """torch.zeros of the workspace (B x slot fp32 values): one memset."""
-    slot = default_slot(s.L) if s.slot is None else s.slot
+    """torch.zeros of the workspace (B x slot fp32 values): one memset. The coefficient
+    buffer G (`torch.empty_like`) is not filled: every value read is written first."""
     out = Launch("workspace zero-fill (memset)", "fwd", programs=1, working=1)
-    out.stored = 4 * max(s.B * slot, 1)
+    out.stored = 4 * max(s.B * s.slot_, 1)
     return out
 
 
 #: The launches of one forward + backward, in order (`ncl_terms.ncl_terms_fwd`, `_bwd`), each
 #: with the kernel it models (module of `ncl_fast.kernels`, name; None: not a Triton kernel).
-#: A kernel that a redesign removes drops out, and one it adds is modeled by adding its
-#: function here: `ncl_work` models the kernels that exist in the tree it runs in.
+#: A function returns None where the launcher does not launch its kernel (a path no image
+#: can take, from L and the slot). A kernel that a redesign removes drops out, and one it
+#: adds is modeled by adding its function here.
 KERNELS = (
     (_k_ws_fill, None),
+    (_k_plan, ("ncl_anchors", "_ncl_plan_kernel")),
     (_k_stats_fwd, ("ncl_anchors", "_ncl_stats_fwd_kernel")),
     (_k_sim, ("ncl_stored", "_ncl_sim_kernel")),
     (_k_rows, ("ncl_stored", "_ncl_rows_kernel")),
     (_k_pair_fwd, ("ncl_bounded", "_ncl_pair_fwd_kernel")),
     (_k_anchor_fwd, ("ncl_anchors", "_ncl_anchor_fwd_kernel")),
+    (_k_coef, ("ncl_stored", "_ncl_coef_kernel")),
     (_k_grad, ("ncl_stored", "_ncl_grad_kernel")),
     (_k_pair_bwd, ("ncl_bounded", "_ncl_pair_bwd_kernel")),
     (_k_anchor_bwd, ("ncl_anchors", "_ncl_anchor_bwd_kernel")),
@@ -525,11 +719,16 @@ def _exists(kernel) -> bool:
         return False
 
 
-def ncl_work(counts, L: int, D: int, esize: int, precision: str = "tf32x3", slot: int | None = None) -> list[Launch]:
+def ncl_work(counts, L: int, D: int, esize: int, precision: str = "tf32x3", slot: int | None = None,
+             sms: int = SMS, dtype: str = "", patch: int = 16) -> list[Launch]:
     """Every launch of one NCL forward + backward. `counts[b] = (|P|, |N|, |K|)`; `slot`: fp32
-    values of workspace per image (default the op's `workspace_slot(L)`)."""
-    s = Shape(list(counts), L, D, esize, precision, slot)
-    return [f(s) for f, kernel in KERNELS if _exists(kernel)]
+    values of workspace per image (default the op's `workspace_slot(L)`); `sms`: the
+    multiprocessors the persistent grids are sized for; `dtype`: "fp16" for fp16 features
+    (default fp32 or bf16 by `esize`); `patch`: the patch's side in cells of the map (NCHW
+    maps at p = 1 take the half similarity GEMM's narrower K chunks)."""
+    s = Shape(list(counts), L, D, esize, precision, slot, sms, dtype, patch)
+    launches = [f(s) for f, kernel in KERNELS if _exists(kernel)]
+    return [x for x in launches if x is not None]
 
 
 # ---- the floor and the summary ------------------------------------------------------------
@@ -590,6 +789,8 @@ def report(counts, L, D, esize, precision="tf32x3", slot=None) -> str:
 #: (L, D) at 512 x 512 px: the paper's ResNet stages (SPEC.md section 1: 16-pixel windows;
 #: stages 1, 2 and 4 share L = 1024 and D = 4096) and a ViT-B token map
 STAGES = {"stages 1, 2, 4": (1024, 4096), "stage 3": (1024, 2048), "stage 5": (1024, 8192), "vit-b": (1024, 768)}
+#: a ViT's token map holds one token per patch (p = 1); the ResNet stages more cells
+STAGE_PATCH = {"vit-b": 1}
 #: [|P|, |N|, |K|] per image at L = 1024: 15 % and 30 % tampered area (issue 18's shapes)
 MASKS = ((93, 877, 54), (300, 650, 74))
 #: issue 18's targets for predicted / floor (forward + backward, launches excluded)
@@ -603,7 +804,7 @@ def stage_table(B: int = 4) -> str:
     for stage, (L, D) in STAGES.items():
         for dname, esize, prec in DTYPES:
             for c in MASKS:
-                launches = ncl_work([c] * B, L, D, esize, prec)
+                launches = ncl_work([c] * B, L, D, esize, prec, patch=STAGE_PATCH.get(stage, 16))
                 sm = summary(launches, [c] * B, L, D, esize)
                 top = max(launches, key=Launch.time)
                 lines.append(f"| {stage} | {L} | {D} | {dname} | {list(c)} | {sm['fwd_s'] * 1e6:.1f} | "

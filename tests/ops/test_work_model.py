@@ -114,13 +114,13 @@ SIZES = [(40, 150, 66), (90, 100, 66), (1, 200, 55), (70, 186, 0)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,dtype,precision", [
-    ("stored", torch.float32, "tf32x3"),
-    ("bounded", torch.float32, "tf32x3"),
-    ("mixed", torch.float32, "ieee"),
-    ("mixed", torch.float16, "tf32x3"),
+@pytest.mark.parametrize("path,dtype,precision,sms", [
+    ("stored", torch.float32, "tf32x3", 16),
+    ("bounded", torch.float32, "tf32x3", 2),
+    ("mixed", torch.float32, "ieee", 2),
+    ("mixed", torch.float16, "tf32x3", 16),
 ])
-def test_work_model_matches_the_kernels(path, dtype, precision, gen, monkeypatch):
+def test_work_model_matches_the_kernels(path, dtype, precision, sms, gen, monkeypatch):
     require_backend("triton", "ncl_terms")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("counts what Triton's interpreter executes")
@@ -142,11 +142,21 @@ def test_work_model_matches_the_kernels(path, dtype, precision, gen, monkeypatch
     cap = {"stored": L * L, "bounded": 0, "mixed": SIZES[0][0] * work_model.ws_ld(*SIZES[0][:2])}[path]
     monkeypatch.setattr(k, "SIM_BUDGET", cap * 4 / 2**20)
     monkeypatch.setattr(k, "FP32_DOT_PRECISION", precision)
+    # the SMs the persistent grids are sized for: 16 gives the similarity GEMM split-K
+    # parts (and persistent programs without items), 2 several items per program
+    monkeypatch.setattr(k, "INTERPRET_SMS", sms)
     counter = WorkCounter(monkeypatch)
     functional.ncl_terms(feat, labels, a_pos, a_neg, PATCH, impl="triton").sum().backward()
-    model = {x.kernel: x for x in work_model.ncl_work(SIZES, L, D, feat.element_size(), precision)
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "")
+    model = {x.kernel: x for x in work_model.ncl_work(SIZES, L, D, feat.element_size(), precision, sms=sms, dtype=half)
              if x.kernel.startswith("_")}
-    stored = [x[3] and x[4] for x in work_model.Shape(SIZES, L, D, 4).images()]
+    shape = work_model.Shape(SIZES, L, D, feat.element_size(), precision, sms=sms, dtype=half)
+    stored = [x[3] and x[4] for x in shape.images()]
+    # split-K where the grid is wide and the slots hold the parts: images of one and of several
+    splits = [shape.splits(p, n) for (p, n, u, t1, st) in shape.images() if t1 and st]
+    # parts of D
+    if path == "stored":
+        assert max(splits) > 1 and min(splits) == 1, splits
     assert stored == {"stored": [True, True, False, True], "bounded": [False] * 4, "mixed": [True, False, False, False]}[path]
     assert set(counter.programs) - {"_patch_lists_fwd_kernel"} == set(model)
     for name, x in model.items():
