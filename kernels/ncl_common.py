@@ -95,10 +95,9 @@ def _softplus(z):
 
 @triton.jit
 def _sigmoid(z):
-    # exp(-|z|) <= 1: no overflow for any z (1 / (1 + exp(-z)) overflows below z = -88)
-    u = tl.exp(-tl.abs(z))
-    r = 1.0 / (1.0 + u)
-    return tl.where(z >= 0, r, u * r)
+    # the exp capped at e^80 (finite in fp32): below z = -80 the value is ~1e-35 instead of
+    # smaller (an exp of -z past 88 would overflow to inf)
+    return 1.0 / (1.0 + tl.exp(tl.minimum(-z, 80.0)))
 
 
 @triton.jit

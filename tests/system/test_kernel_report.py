@@ -54,10 +54,12 @@ KNOWN_SPILLS = {
     ("void ncl_fast::pc_loss_backward_kernel<double, c10::Half, double>", "extension", "sm_80"): 8,
 }
 
-#: Every Triton kernel of one NCL forward + backward (and the patch labels').
-TRITON_KERNELS = ("_patch_labels_fwd_kernel", "_patch_lists_fwd_kernel", "_ncl_stats_fwd_kernel", "_ncl_sim_kernel",
-                  "_ncl_rows_kernel", "_ncl_pair_fwd_kernel", "_ncl_anchor_fwd_kernel", "_ncl_grad_kernel",
-                  "_ncl_pair_bwd_kernel", "_ncl_anchor_bwd_kernel", "_ncl_anchor_grad_kernel")
+#: Every Triton kernel of one NCL forward + backward (and the patch labels'), the bounded
+#: path's as a cap of 0 launches them.
+TRITON_KERNELS = ("_patch_labels_fwd_kernel", "_patch_lists_fwd_kernel", "_ncl_plan_kernel", "_ncl_stats_fwd_kernel",
+                  "_ncl_sim_kernel", "_ncl_rows_kernel", "_ncl_pair_fwd_kernel", "_ncl_anchor_fwd_kernel",
+                  "_ncl_coef_kernel", "_ncl_grad_kernel", "_ncl_pair_bwd_kernel", "_ncl_anchor_bwd_kernel",
+                  "_ncl_anchor_grad_kernel")
 
 
 def _report(tmp_path):
