@@ -237,6 +237,13 @@ class Shape:
         return max(0, (self.B - 1).bit_length())
 
     @property
+    def sim_tiles(self) -> tuple[int, int]:
+        """`ncl_terms._sim_tiles`: rows and columns of a similarity item."""
+        from ncl_fast.kernels import ncl_terms as k
+
+        return k._sim_tiles(self.up)[:2]
+
+    @property
     def sim_bk(self) -> int:
         """`ncl_terms._sim_bk`: the similarity GEMM's K chunk."""
         from ncl_fast.kernels import ncl_stored as k
@@ -265,7 +272,8 @@ class Shape:
         u, slot = p + n, self.slot_
         size = p * ws_ld(p, n) if (p >= 2 and n >= 1) else 0
         n_k = cdiv(self.D, self.sim_bk)
-        tiles = cdiv(p, k.SIM_BM) * cdiv(u, k.SIM_BN)
+        bm, bn = self.sim_tiles
+        tiles = cdiv(p, bm) * cdiv(u, bn)
         target = cdiv(k.SIM_PER_SM * self.sms, self.B)
         s = min(max(cdiv(target, max(tiles, 1)), 1), k.SIM_SPLITS)
         s = max(min(s, slot // max(size, 1)), 1)
@@ -376,7 +384,7 @@ def _k_sim(s: Shape) -> Launch | None:
 
     if not s.paths()[0]:
         return None
-    bm, bn, bk, D = k.SIM_BM, k.SIM_BN, s.sim_bk, s.D
+    (bm, bn), bk, D = s.sim_tiles, s.sim_bk, s.D
     out = Launch("_ncl_sim_kernel", "fwd")
     imgs = list(s.images())
     per = [cdiv(p, bm) * cdiv(u, bn) * s.splits(p, n) if (t1 and st) else 0 for p, n, u, t1, st in imgs]

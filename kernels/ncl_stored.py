@@ -37,19 +37,25 @@ import triton.language as tl
 from .ncl_common import (_d_offsets, _find_image, _grad_out, _is_stored, _pair_terms, _patch_offsets, _row_setup,
                          _sim_tile, _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
 
-# Similarity GEMM: 64 tampered rows (wgmma's M) x 32 columns per item, K chunks of 64
-# half values or 32 fp32 values (128 B). At most SIM_SPLITS parts of D per image, as
-# many as bring the batch to SIM_PER_SM items per SM (the plan kernel's choice).
-SIM_BM = 64
-SIM_BN = 32
+# Similarity GEMM, half features: 128 tampered rows (two wgmma M tiles) x 64 columns per
+# item on 8 warps; fp32 (tf32x3 or FFMA, bound by its multiply-adds, and spilling at the
+# half tiles): 64 x 32 on 4 warps. K chunks of 64 half values or 32 fp32 values (128 B).
+# At most SIM_SPLITS parts of D per image, as many as bring the batch to SIM_PER_SM items
+# per SM (the plan kernel's choice).
+SIM_BM = 128
+SIM_BN = 64
+SIM_WARPS = 8
+SIM_BM_F32 = 64
+SIM_BN_F32 = 32
+SIM_WARPS_F32 = 4
 SIM_BK_HALF = 64
 SIM_BK_F32 = 32
-SIM_WARPS = 4
 SIM_STAGES = 3
 SIM_SPLITS = 8
 SIM_PER_SM = 4
-# Row pass over S: 16 rows x 128 columns per step (4 warps, 4 blocks per SM).
-ROWS_BM = 16
+# Row pass over S: 8 rows x 128 columns per step (4 warps, 72 registers): short items,
+# as each reads its rows of every partial block.
+ROWS_BM = 8
 ROWS_BC = 128
 ROWS_PER_SM = 4
 # Coefficient pass: tiles of 16 rows x 128 columns of S (4 warps, about 100 registers).

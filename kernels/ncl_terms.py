@@ -58,7 +58,8 @@ from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOU
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
 from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, GRAD_BD, GRAD_BX, GRAD_BY, GRAD_BY_F32, GRAD_MAXNREG,
                          GRAD_STAGES, GRAD_STAGES_F32, GRAD_WARPS, GRAD_WARPS_F32, ROWS_BC, ROWS_BM, ROWS_PER_SM,
-                         SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BN, SIM_PER_SM, SIM_SPLITS, SIM_STAGES, SIM_WARPS,
+                         SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS,
+                         SIM_STAGES, SIM_WARPS, SIM_WARPS_F32,
                          _ncl_coef_kernel, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
@@ -223,13 +224,14 @@ def ncl_terms_fwd(
     wide = needs_64bit_offsets(feat, anchor_pos, anchor_neg)
     inv_tau = 1.0 / tau
     log_b = _log2_ceil(B)
+    sim_bm, sim_bn, sim_warps = _sim_tiles(up)
     nrm, nrma, sa, lse, w, lsea, wa, plan, sched, ws = saved
     with _device_guard(feat):
         # the plan and the work lists: one program (a cumsum over the batch per kind)
         _ncl_plan_kernel[(1,)](
             counts, plan, sched, B, slot if stored_any else 0, triton.cdiv(SIM_PER_SM * _sm_count(dev), B),
             triton.cdiv(D, _sim_bk(up, cl, patch)),
-            SIM_BM=SIM_BM, SIM_BN=SIM_BN, SIM_SPLITS=SIM_SPLITS, ROWS_BM=ROWS_BM, COEF_BM=COEF_BM, COEF_BN=COEF_BN,
+            SIM_BM=sim_bm, SIM_BN=sim_bn, SIM_SPLITS=SIM_SPLITS, ROWS_BM=ROWS_BM, COEF_BM=COEF_BM, COEF_BN=COEF_BN,
             PAIR_BM=BLOCK_M, BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=NUM_WARPS,
         )
         _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
@@ -240,12 +242,13 @@ def ncl_terms_fwd(
         )
         if stored_any:
             # persistent programs over the work lists (items: see _ncl_plan_kernel)
-            sim_upper = B * triton.cdiv(L, SIM_BM) * triton.cdiv(L, SIM_BN) * SIM_SPLITS
+            sim_upper = B * triton.cdiv(L, sim_bm) * triton.cdiv(L, sim_bn) * SIM_SPLITS
             _ncl_sim_kernel[(_persistent(dev, SIM_PER_SM, sim_upper),)](
                 feat, perm, counts, nrm, plan, sched[0], ws,
                 *fs, B, L, Q, C, patch, D, inv_tau, EPS,
-                BM=SIM_BM, BN=SIM_BN, BK=_sim_bk(up, cl, patch), CHANNELS_LAST=cl,
-                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=SIM_WARPS, num_stages=SIM_STAGES,
+                BM=sim_bm, BN=sim_bn, BK=_sim_bk(up, cl, patch), CHANNELS_LAST=cl,
+                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=sim_warps,
+                num_stages=SIM_STAGES,
             )
             _ncl_rows_kernel[(_persistent(dev, ROWS_PER_SM, B * n_blocks_s),)](
                 ws, plan, counts, sched[1], lse, w, part_s, B, L, n_blocks_s, BM=ROWS_BM, BC=ROWS_BC, LOG_B=log_b,
@@ -266,6 +269,12 @@ def ncl_terms_fwd(
                                        n_blocks_b if bounded_any else 0, ROWS_BM=ROWS_BM, PAIR_BM=BLOCK_M,
                                        BLOCK=256)
     return terms, saved
+
+
+def _sim_tiles(up: bool) -> tuple[int, int, int]:
+    """Rows, columns and warps of a similarity item: 128 x 64 on 8 warps for half features,
+    64 x 32 on 4 warps for fp32 (see ncl_stored)."""
+    return (SIM_BM_F32, SIM_BN_F32, SIM_WARPS_F32) if up else (SIM_BM, SIM_BN, SIM_WARPS)
 
 
 def _sim_bk(up: bool, channels_last: bool, patch: int) -> int:

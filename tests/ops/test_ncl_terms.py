@@ -527,8 +527,9 @@ def test_64bit_offset_kernels_match(path, gen, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("path", ["stored", "bounded"])
 def test_several_row_tiles_and_chunks_of_d(path, dtype, gen, monkeypatch):
-    # L = 289 > 256 patches, |P| and |N| above 64 (several row tiles in every kernel: 64 in
-    # the similarity GEMM and the stored backward, 32 in the bounded kernels), D = 68 (two
+    # L = 289 > 256 patches, |P| above 128 and |N| above 64 (several row tiles in every
+    # kernel: 128 in the half similarity GEMM, 64 in the fp32 one and the stored backward,
+    # 32 in the bounded kernels), D = 68 (two
     # 64-wide chunks of D and of K, for fp32 and for the half path's tensor-core dots); a
     # small D keeps the interpreter fast. An index taken within a tile instead of the whole
     # list (e.g. the diagonal j != m), or a K loop that drops its accumulator, shows here.
@@ -539,7 +540,7 @@ def test_several_row_tiles_and_chunks_of_d(path, dtype, gen, monkeypatch):
     assert k._upcast(torch.empty(0, dtype=dtype)) == (dtype == torch.float32)  # fp16: the half path
     shape = (2, 17, 34, 34, 2)
     feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=dtype)
-    n_p = [int(x) for x in torch.randint(70, 140, (2,), generator=gen)]
+    n_p = [int(x) for x in torch.randint(130, 180, (2,), generator=gen)]
     labels = torch.stack([
         torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]
         for p_ in n_p
