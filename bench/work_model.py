@@ -557,7 +557,8 @@ def _k_grad(s: Shape) -> Launch | None:
     flag = 8 if check else 0  # the plan's stored flag, where both paths can run
     for p, n, u, t1, st in s.images():
         ld = ws_ld(p, n)
-        for kw, reps in chunks(D, bd):
+        for ci, (kw, reps) in enumerate(chunks(D, bd)):
+            first = int(ci == 0)  # the group that holds chunk 0
             for tx in range(cdiv(L, bx)):
                 x0 = tx * bx
                 if not st:
@@ -586,8 +587,17 @@ def _k_grad(s: Shape) -> Launch | None:
                     g.loaded += 4 * rp * cdiv(u, cn) + 4 * xv * cdiv(p, cm)  # the partial dot sums
                 _row_setup(g, bx, xv, rp if t1 else 0)
                 g.loaded += 4 * xv + xv * kw * e  # f_x
+                # the anchors' sums over the tile (ncl_common._anchor_parts): 1/|f_x|, both
+                # rows of the product out; the first chunk's programs also load s(a+-, x) and
+                # store the dots
+                g.sfu += bx
+                g.dot(s.precision if s.up else "tf32", 16 * bx * bd)  # a [16, x] @ [x, D] product
+                g.stored += 2 * kw * 4
                 _grad_out(g, bx, bd, kw, e)
-                out.add(g, reps)
+                if first:
+                    g0 = Prog(macs=dict(g.macs), ffma=g.ffma, sfu=g.sfu, loaded=g.loaded + 8 * xv, stored=g.stored + 8)
+                    out.add(g0)
+                out.add(g, reps - first)
         out.hbm_read += flag
         if st:
             out.hbm_read += 4 * L + (8 if u == 0 else 12 + 12 + 16 + 8 + 4 * u + 8 * u + u * D * e + 2 * D * e)
@@ -653,16 +663,20 @@ def _k_anchor_bwd(s: Shape) -> Launch:
     from ncl_fast.kernels import ncl_anchors as ka
     from ncl_fast.kernels import ncl_bounded as kb
 
+    stored_any, bounded = s.paths()
+    if not bounded:  # the stored backward forms the anchors' sums itself
+        return None
     rs_n, bx, bd, L, D = ka.ANCHOR_SPLITS, kb.BLOCK_M, kb.BLOCK_D, s.L, s.D
     per_split = cdiv(cdiv(L, rs_n), bx) * bx
+    flag = 8 if stored_any else 0  # SKIP_STORED: the plan's stored flag
     out = Launch("_ncl_anchor_bwd_kernel", "bwd")
-    for p, n, u, _, _ in s.images():
+    for p, n, u, _, st in s.images():
         k = L - u
-        used = u if (p >= 1 and n >= 1 and k >= 1) else 0
+        used = u if (p >= 1 and n >= 1 and k >= 1 and not (stored_any and st)) else 0
         for kw, reps in chunks(D, bd):
             for rs in range(rs_n):
                 lo, hi = rs * per_split, min(rs * per_split + per_split, used)
-                g = Prog(loaded=36, stored=2 * kw * 4, sfu=2)  # counts, g2, g3, lam+-, W+-; k2, k3
+                g = Prog(loaded=36 + flag, stored=2 * kw * 4, sfu=2)  # counts, g2, g3, lam+-, W+-; k2, k3
                 for x0 in range(lo, hi, bx):
                     xv = _rows(x0, bx, hi)
                     g.loaded += 16 * xv + xv * kw * s.esize
@@ -670,19 +684,31 @@ def _k_anchor_bwd(s: Shape) -> Launch:
                     g.ffma += 2 * bx * bd
                 out.add(g, reps, working=hi > lo)
         out.stored += 8 * rs_n  # the splits' dot sums (the first chunk's programs)
-        out.hbm_read += 36 + (16 * used + used * D * s.esize)
+        out.hbm_read += 36 + flag + (16 * used + used * D * s.esize)
     return out
 
 
 def _k_anchor_grad(s: Shape) -> Launch:
     from ncl_fast.kernels import ncl_anchors as k
+    from ncl_fast.kernels import ncl_stored as ks
 
-    rs_n, blk, D = k.ANCHOR_SPLITS, 1024, s.D
+    stored_any, bounded = s.paths()
+    rs_n, blk, D, bx = k.ANCHOR_SPLITS, k.ANCHOR_GRAD_BLOCK, s.D, ks.GRAD_BX
     out = Launch("_ncl_anchor_grad_kernel", "bwd")
-    for _ in range(s.B):
+    for p, n, u, _, st in s.images():
+        n_t = cdiv(u, bx) if (stored_any and st) else 0  # the stored backward's row tiles that wrote sums
         for kw, reps in chunks(D, blk):
-            out.add(Prog(loaded=rs_n * (8 * kw + 8) + 2 * kw * s.esize + 8, stored=2 * kw * s.esize, sfu=2), reps)
-        out.hbm_read += rs_n * (8 * D + 8) + 2 * D * s.esize + 8
+            g = Prog(loaded=2 * kw * s.esize + 8, stored=2 * kw * s.esize, sfu=2)  # the anchors, their norms
+            if bounded:
+                g.loaded += rs_n * (8 * kw + 8)
+            if stored_any:
+                g.loaded += 8 + 8 + n_t * (8 * kw + 8)  # counts, the plan's flag; the tiles' sums
+            out.add(g, reps)
+        out.hbm_read += 2 * D * s.esize + 8
+        if bounded:
+            out.hbm_read += rs_n * (8 * D + 8)
+        if stored_any:
+            out.hbm_read += 8 + 8 + n_t * (8 * D + 8)
     return out
 
 

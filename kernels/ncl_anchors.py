@@ -4,7 +4,9 @@
 * `_ncl_stats_fwd_kernel`: |f_x|, s(a+, x), s(a-, x) of every listed patch, the
   anchors' norms and the image's workspace plan (one pass over the used patches);
 * `_ncl_anchor_fwd_kernel`: t2 and t3, and t1 closed from the row blocks' sums;
-* `_ncl_anchor_bwd_kernel`, `_ncl_anchor_grad_kernel`: both anchors' gradients.
+* `_ncl_anchor_bwd_kernel` (the bounded path's images; the stored path's backward forms
+  the same sums from the features it loads), `_ncl_anchor_grad_kernel`: both anchors'
+  gradients.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from .ncl_common import _anchor_coef, _d_offsets, _is_stored, _patch_offsets, _s
 # per SM keep enough loads in flight (one pass over the used patches).
 STATS_BX = 8
 STATS_BK = 512
-# Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program).
+# Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program);
+# the sums added up in chunks of 256 values of D (B x D / 256 programs: each reads its
+# chunk of every row tile's sums).
 ANCHOR_SPLITS = 4
+ANCHOR_GRAD_BLOCK = 256
 
 
 @triton.jit
@@ -230,13 +235,16 @@ def _ncl_anchor_bwd_kernel(
     feat_ptr,
     part_ptr,  # (B, RS, 2, D) fp32 out: sum over the split's patches of c_x hat f_x, per anchor
     dots_ptr,  # (B, RS, 2) fp32 out: sum over the split's patches of c_x s(a, x), per anchor
-    perm_ptr, counts_ptr, nrm_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr,
+    perm_ptr, counts_ptr, nrm_ptr, sa_ptr, lsea_ptr, wa_ptr, gout_ptr, plan_ptr,
     stride_fb, stride_fc, stride_fy, stride_fx,
     L, Q, C, P_: tl.constexpr, D, n_td, rows_per_split, eps,
     RS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+    SKIP_STORED: tl.constexpr,
 ):
-    """Both anchors' gradients, first half: one chunk of D and one split of the patch
-    list per program (every feature read once for both anchors)."""
+    """Both anchors' gradients, first half, for the bounded path's images (the stored
+    path's backward forms these sums itself, `_anchor_parts`): one chunk of D and one
+    split of the patch list per program (every feature read once for both anchors). With
+    SKIP_STORED, a stored image's splits are zeros."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # int64 offsets where an image can span past 2^31 elements
@@ -262,6 +270,8 @@ def _ncl_anchor_bwd_kernel(
     acc_n = tl.zeros([BLOCK_D], dtype=tl.float32)
     dot_p = tl.zeros([BLOCK_X], dtype=tl.float32)
     dot_n = tl.zeros([BLOCK_X], dtype=tl.float32)
+    if SKIP_STORED:
+        t23_ok = t23_ok & (_is_stored(plan_ptr, b) == 0)
     n_used = tl.where(t23_ok, n_p + n_n, 0)
     lo = rs * rows_per_split
     hi = tl.minimum(lo + rows_per_split, n_used)
@@ -291,14 +301,18 @@ def _ncl_anchor_bwd_kernel(
 
 @triton.jit
 def _ncl_anchor_grad_kernel(
-    part_ptr, dots_ptr, apos_ptr, aneg_ptr, nrma_ptr,
+    part_ptr, dots_ptr,  # the bounded path's sums (`_ncl_anchor_bwd_kernel`), (B, RS, 2, D) and (B, RS, 2)
+    spart_ptr, sdots_ptr,  # the stored path's, per row tile of its backward, (B, n_tx, 2, D) and (B, n_tx, 2)
+    counts_ptr, plan_ptr, apos_ptr, aneg_ptr, nrma_ptr,
     gpos_ptr, gneg_ptr,  # (B, D) contiguous out: gradients of a+, a-
     stride_ab, stride_ad, stride_nb, stride_nd,
-    D, inv_tau, eps,
-    RS: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+    D, n_tx, inv_tau, eps,
+    RS: tl.constexpr, BX: tl.constexpr, STORED: tl.constexpr, BOUNDED: tl.constexpr, BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
-    """Both anchors' gradients, second half: the splits' sums in a fixed order, then
-    through each anchor's normalization."""
+    """Both anchors' gradients, second half: the sums of the paths that ran (the bounded
+    splits, zeros for stored images; the stored backward's row tiles that hold listed
+    patches, of stored images) in a fixed order, then through each anchor's normalization."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # int64 offsets where an image can span past 2^31 elements
@@ -309,12 +323,22 @@ def _ncl_anchor_grad_kernel(
     acc_n = tl.zeros([BLOCK], dtype=tl.float32)
     dot_p = 0.0
     dot_n = 0.0
-    for rs in range(RS):
-        base = part_ptr + ((b * RS + rs) * 2) * D
-        acc_p += tl.load(base + kd, mask=kdmask, other=0.0)
-        acc_n += tl.load(base + D + kd, mask=kdmask, other=0.0)
-        dot_p += tl.load(dots_ptr + (b * RS + rs) * 2)
-        dot_n += tl.load(dots_ptr + (b * RS + rs) * 2 + 1)
+    if BOUNDED:
+        for rs in range(RS):
+            base = part_ptr + ((b * RS + rs) * 2) * D
+            acc_p += tl.load(base + kd, mask=kdmask, other=0.0)
+            acc_n += tl.load(base + D + kd, mask=kdmask, other=0.0)
+            dot_p += tl.load(dots_ptr + (b * RS + rs) * 2)
+            dot_n += tl.load(dots_ptr + (b * RS + rs) * 2 + 1)
+    if STORED:
+        n_used = tl.load(counts_ptr + b * 3) + tl.load(counts_ptr + b * 3 + 1)
+        n_t = tl.where(_is_stored(plan_ptr, b) != 0, tl.cdiv(n_used, BX), 0)
+        for tx in range(0, n_t):
+            base = spart_ptr + ((b * n_tx + tx) * 2) * D
+            acc_p += tl.load(base + kd, mask=kdmask, other=0.0)
+            acc_n += tl.load(base + D + kd, mask=kdmask, other=0.0)
+            dot_p += tl.load(sdots_ptr + (b * n_tx + tx) * 2)
+            dot_n += tl.load(sdots_ptr + (b * n_tx + tx) * 2 + 1)
     for which in tl.static_range(2):
         if which == 0:
             a = tl.load(apos_ptr + b * stride_ab + kd * stride_ad, mask=kdmask, other=0.0).to(tl.float32)

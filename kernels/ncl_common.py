@@ -227,6 +227,27 @@ def _row_setup(
 
 
 @triton.jit
+def _anchor_parts(part_ptr, dots_ptr, b, tx, n_tx, first_chunk, rows, xmask, c_pos, c_neg, nrm_x, fx, canon, kdmask,
+                  sa_ptr, L, D, eps, PRECISION: tl.constexpr):
+    """The anchors' gradients' share of a tile of patches x on a chunk of D, from the
+    features the tile already holds: sum_x c+-_x hat f_x into part (B, n_tx, 2, D), and
+    on the first chunk sum_x c+-_x s(a+-, x) into dots (B, n_tx, 2) (c = 0 past the list).
+    The sums over x run on the tensor cores, as a [16, x] @ [x, D] product whose rows 0
+    and 1 hold the coefficients (a reduction across the tile's rows held registers)."""
+    rn_x = 1.0 / tl.maximum(nrm_x, eps)
+    sel = tl.arange(0, 16)[:, None]
+    coef = tl.where(sel == 0, (c_pos * rn_x)[None, :], tl.where(sel == 1, (c_neg * rn_x)[None, :], 0.0))
+    sums = tl.dot(coef, fx, input_precision=PRECISION)
+    out = part_ptr + ((b * n_tx + tx) * 2) * D
+    tl.store(out + sel * D + canon[None, :], sums, mask=(sel < 2) & kdmask[None, :])
+    if first_chunk:
+        s_pos = tl.load(sa_ptr + b * 2 * L + rows, mask=xmask, other=0.0)
+        s_neg = tl.load(sa_ptr + b * 2 * L + L + rows, mask=xmask, other=0.0)
+        tl.store(dots_ptr + (b * n_tx + tx) * 2, tl.sum(c_pos * s_pos, axis=0))
+        tl.store(dots_ptr + (b * n_tx + tx) * 2 + 1, tl.sum(c_neg * s_neg, axis=0))
+
+
+@triton.jit
 def _grad_out(
     acc, dot_x, c_pos, c_neg, nrm_x, fx, b, kdmask, canon, apos_ptr, aneg_ptr, nrma_ptr,
     stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ncl_common import (_d_offsets, _find_image, _grad_out, _is_stored, _pair_terms, _patch_offsets, _row_setup,
+from .ncl_common import (_anchor_parts, _d_offsets, _find_image, _grad_out, _is_stored, _pair_terms, _patch_offsets, _row_setup,
                          _sim_tile, _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
 
 # Similarity GEMM, half features: 128 tampered rows (two wgmma M tiles) x 64 columns per
@@ -255,10 +255,11 @@ def _ncl_grad_kernel(
     gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
     plan_ptr, ws_ptr,  # the coefficients G of each stored image, in the workspace's layout (_ncl_coef_kernel)
     rdot_ptr, cdot_ptr,  # the coefficient pass's partial sums (see _ncl_coef_kernel)
+    apart_ptr, adots_ptr,  # (B, n_tx, 2, D), (B, n_tx, 2) fp32 out: the anchors' gradients' sums per row tile
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    B, L, Q, C, P_: tl.constexpr, D, n_td, n_cn, n_cm, inv_tau, eps,
+    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_td, n_cn, n_cm, inv_tau, eps,
     BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CM: tl.constexpr, CN: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr, IDX64: tl.constexpr,
     CHECK_STORED: tl.constexpr,
@@ -350,6 +351,10 @@ def _ncl_grad_kernel(
     # contour rows of a mixed tile get 0
     fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
                  mask=xmask[:, None] & kdmask[None, :], other=0.0).to(tl.float32)
+    # the anchors' gradients take their sums over x from the features loaded here (no
+    # second pass over the map)
+    _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx, canon, kdmask,
+                  sa_ptr, L, D, eps, PRECISION)
     grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx, b, kdmask, canon, apos_ptr, aneg_ptr, nrma_ptr,
                      stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
     grad = tl.where(xmask[:, None], grad, 0.0)

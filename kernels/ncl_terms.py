@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .ncl_anchors import (ANCHOR_SPLITS, STATS_BK, STATS_BX, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
+from .ncl_anchors import (ANCHOR_GRAD_BLOCK, ANCHOR_SPLITS, STATS_BK, STATS_BX, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
                           _ncl_anchor_grad_kernel, _ncl_plan_kernel, _ncl_stats_fwd_kernel)
 from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_K_F32_IEEE, BLOCK_M,
                           BLOCK_N, NUM_WARPS_BWD, _ncl_pair_bwd_kernel, _ncl_pair_fwd_kernel)
@@ -353,10 +353,13 @@ def ncl_terms_bwd(
                 BM=COEF_BM, BN=COEF_BN, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
             )
             # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
-            n_tx, n_td = triton.cdiv(L, GRAD_BX), triton.cdiv(D, GRAD_BD)
-            _ncl_grad_kernel[(_grid_check(n_tx * B * n_td, "the backward"),)](
-                feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot,
-                *fs, *gs, *as_, B, L, Q, C, patch, D, n_td, n_cn, n_cm, inv_tau, EPS,
+            n_tx_s, n_td = triton.cdiv(L, GRAD_BX), triton.cdiv(D, GRAD_BD)
+            # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)
+            spart = torch.empty(B, n_tx_s, 2, D, dtype=torch.float32, device=feat.device)
+            sdots = torch.empty(B, n_tx_s, 2, dtype=torch.float32, device=feat.device)
+            _ncl_grad_kernel[(_grid_check(n_tx_s * B * n_td, "the backward"),)](
+                feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
+                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_td, n_cn, n_cm, inv_tau, EPS,
                 BX=GRAD_BX, BY=GRAD_BY_F32 if up else GRAD_BY, BD=GRAD_BD, CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl,
                 PRECISION=precision if up else "tf32", HALF_COEF=_half_coef(feat), IDX64=wide,
                 CHECK_STORED=bounded_any, num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
@@ -375,17 +378,26 @@ def ncl_terms_bwd(
                 CHANNELS_LAST=cl, UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32",
                 IDX64=wide, LOG_B=_log2_ceil(B), num_warps=4 if ieee else NUM_WARPS_BWD, num_stages=2 if up else 3,
             )
-        n_td = triton.cdiv(D, BLOCK_D)
-        rows_per_split = triton.cdiv(triton.cdiv(L, ANCHOR_SPLITS), BLOCK_M) * BLOCK_M
-        part = torch.empty(B, ANCHOR_SPLITS, 2, D, dtype=torch.float32, device=feat.device)
-        dots = torch.empty(B, ANCHOR_SPLITS, 2, dtype=torch.float32, device=feat.device)
-        _ncl_anchor_bwd_kernel[(_grid_check(n_td * ANCHOR_SPLITS, "the anchors' backward"), B)](
-            feat, part, dots, perm, counts, nrm, sa, lsea, wa, gout,
-            *fs, L, Q, C, patch, D, n_td, rows_per_split, EPS,
-            RS=ANCHOR_SPLITS, BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, IDX64=wide, num_warps=NUM_WARPS,
-        )
-        _ncl_anchor_grad_kernel[(triton.cdiv(D, 1024), B)](
-            part, dots, anchor_pos, anchor_neg, nrma, grad_pos, grad_neg,
-            *as_, D, inv_tau, EPS, RS=ANCHOR_SPLITS, BLOCK=1024, IDX64=wide, num_warps=NUM_WARPS,
+        if bounded_any:
+            # the anchors' sums over the bounded images' patches (the stored backward formed its own)
+            n_td = triton.cdiv(D, BLOCK_D)
+            rows_per_split = triton.cdiv(triton.cdiv(L, ANCHOR_SPLITS), BLOCK_M) * BLOCK_M
+            part = torch.empty(B, ANCHOR_SPLITS, 2, D, dtype=torch.float32, device=feat.device)
+            dots = torch.empty(B, ANCHOR_SPLITS, 2, dtype=torch.float32, device=feat.device)
+            _ncl_anchor_bwd_kernel[(_grid_check(n_td * ANCHOR_SPLITS, "the anchors' backward"), B)](
+                feat, part, dots, perm, counts, nrm, sa, lsea, wa, gout, plan,
+                *fs, L, Q, C, patch, D, n_td, rows_per_split, EPS,
+                RS=ANCHOR_SPLITS, BLOCK_X=BLOCK_M, BLOCK_D=BLOCK_D, CHANNELS_LAST=cl, IDX64=wide,
+                SKIP_STORED=stored_any, num_warps=NUM_WARPS,
+            )
+        else:
+            part = dots = gout  # not read
+        if not stored_any:
+            spart = sdots = gout  # not read
+            n_tx_s = 1
+        _ncl_anchor_grad_kernel[(triton.cdiv(D, ANCHOR_GRAD_BLOCK), B)](
+            part, dots, spart, sdots, counts, plan, anchor_pos, anchor_neg, nrma, grad_pos, grad_neg,
+            *as_, D, n_tx_s, inv_tau, EPS, RS=ANCHOR_SPLITS, BX=GRAD_BX, STORED=stored_any, BOUNDED=bounded_any,
+            BLOCK=ANCHOR_GRAD_BLOCK, IDX64=wide, num_warps=NUM_WARPS,
         )
     return grad_feat, grad_pos, grad_neg
