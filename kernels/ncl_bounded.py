@@ -26,6 +26,17 @@ BLOCK_K_F32_BOUNDED = 16  # fp32 tiles of the bounded kernels (tf32x3 splits eac
 BLOCK_K_F32_IEEE = 8  # and in the backward with plain fp32 FMA, 4 warps (16 and 8 warps spilled)
 BLOCK_D = 128
 NUM_WARPS_BWD = 8
+# Warps and software-pipeline stages of the forward by its dot (tiles as above): fp32 with
+# tf32x3 keeps 4 warps and 3 stages; bf16/fp16 (mma.sync) and plain fp32 FMA (ieee) take 8 warps,
+# with 2 stages and 1. At 4 warps and 3 stages ptxas held those to 96 registers on sm_80 (5
+# blocks per SM) and spilled 16-24 B in channels_last and ieee; so they compile spill-free on
+# sm_80 and sm_90 at 48-128 registers, 2-5 blocks of 8 warps per SM.
+FWD_WARPS_HALF, FWD_STAGES_HALF = 8, 2
+FWD_WARPS_IEEE, FWD_STAGES_IEEE = 8, 1
+FWD_STAGES_F32 = 3
+# Stages of the backward: 3 for half features, 2 for fp32 with tf32x3, 1 with ieee (2 spilled
+# 32 B on sm_90 at p = 1 channels_last, held to 168 registers for 3 blocks per SM).
+BWD_STAGES_HALF, BWD_STAGES_F32, BWD_STAGES_IEEE = 3, 2, 1
 
 
 @triton.jit

@@ -54,7 +54,9 @@ import triton
 from .ncl_anchors import (ANCHOR_GRAD_BLOCK, ANCHOR_SPLITS, STATS_BK, STATS_BX, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
                           _ncl_anchor_grad_kernel, _ncl_plan_kernel, _ncl_stats_fwd_kernel)
 from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_K_F32_IEEE, BLOCK_M,
-                          BLOCK_N, NUM_WARPS_BWD, _ncl_pair_bwd_kernel, _ncl_pair_fwd_kernel)
+                          BLOCK_N, BWD_STAGES_F32, BWD_STAGES_HALF, BWD_STAGES_IEEE, FWD_STAGES_F32, FWD_STAGES_HALF,
+                          FWD_STAGES_IEEE, FWD_WARPS_HALF, FWD_WARPS_IEEE, NUM_WARPS_BWD, _ncl_pair_bwd_kernel,
+                          _ncl_pair_fwd_kernel)
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
 from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, GRAD_BD, GRAD_BX, GRAD_BY, GRAD_BY_F32, GRAD_MAXNREG,
                          GRAD_STAGES, GRAD_STAGES_F32, GRAD_WARPS, GRAD_WARPS_F32, ROWS_BC, ROWS_BM, ROWS_PER_SM,
@@ -255,14 +257,17 @@ def ncl_terms_fwd(
                 num_stages=1,
             )
         if bounded_any:
-            # plain fp32 FMA: 8-wide K chunks (16 spilled on sm_80)
+            # plain fp32 FMA: 8-wide K chunks (16 spilled on sm_80); warps and stages by the dot
+            # (spill-free on sm_80 and sm_90: see ncl_bounded.py)
             ieee = up and precision == "ieee"
+            warps, stages = ((FWD_WARPS_IEEE, FWD_STAGES_IEEE) if ieee else (NUM_WARPS, FWD_STAGES_F32)) if up \
+                else (FWD_WARPS_HALF, FWD_STAGES_HALF)
             _ncl_pair_fwd_kernel[(_grid_check(B * n_blocks_b, "the bounded forward"),)](
                 feat, perm, counts, nrm, sched[3], lse, w, part_b,
                 *fs, B, L, Q, C, patch, D, n_blocks_b, inv_tau, EPS,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_K=(BLOCK_K_F32_IEEE if ieee else BLOCK_K_F32_BOUNDED) if up else BLOCK_K, CHANNELS_LAST=cl,
-                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=NUM_WARPS,
+                UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=warps, num_stages=stages,
             )
         # one program per (image, anchor) walks at most L similarities in blocks of 256
         _ncl_anchor_fwd_kernel[(B, 2)](sa, counts, terms, lsea, wa, part_s, part_b, plan, L, n_blocks_s,
@@ -367,7 +372,7 @@ def ncl_terms_bwd(
             )
         if bounded_any:
             bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
-            # plain fp32 FMA: 8-wide K chunks and 4 warps (spill-free on sm_80 and sm_90)
+            # plain fp32 FMA: 8-wide K chunks, 4 warps and 1 stage (spill-free on sm_80 and sm_90)
             ieee = up and precision == "ieee"
             bk = (BLOCK_K_F32_IEEE if ieee else BLOCK_K_F32_BOUNDED) if up else BLOCK_K
             n_tx, n_td = triton.cdiv(L, BLOCK_M), triton.cdiv(D, bd)
@@ -376,7 +381,8 @@ def ncl_terms_bwd(
                 *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx, n_td, inv_tau, EPS,
                 BLOCK_X=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=bk, BLOCK_D=bd,
                 CHANNELS_LAST=cl, UPCAST=up, PRECISION=precision, COEF_PRECISION=precision if up else "tf32",
-                IDX64=wide, LOG_B=_log2_ceil(B), num_warps=4 if ieee else NUM_WARPS_BWD, num_stages=2 if up else 3,
+                IDX64=wide, LOG_B=_log2_ceil(B), num_warps=4 if ieee else NUM_WARPS_BWD,
+                num_stages=(BWD_STAGES_IEEE if ieee else BWD_STAGES_F32) if up else BWD_STAGES_HALF,
             )
         if bounded_any:
             # the anchors' sums over the bounded images' patches (the stored backward formed its own)
