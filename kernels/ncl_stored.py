@@ -68,7 +68,8 @@ G_ALIGN: tl.constexpr = tl.constexpr(8)
 # fewer times, as far as the registers allow.
 # * Half coefficients (bf16 features): 64 patches x 128 values of D per program, 32
 #   partners per step (8 half values of G per thread: 128-bit loads), 8 warps within 128
-#   registers (two blocks per SM; 128 x 128 spilled hundreds of bytes); at p = 1 in NCHW,
+#   registers (two blocks per SM; 128 x 128 spilled hundreds of bytes, and still 100-150
+#   on sm_80 with its epilogue run on four parts of the chunk in turn); at p = 1 in NCHW,
 #   where a patch's values are a channel apart and load as scalar gathers, 64 x 64 (64 x
 #   128 spilled there).
 # * fp32 coefficients: fp32 features, 64 x 64 per program and 8 partners per step (tf32's
