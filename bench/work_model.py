@@ -90,6 +90,14 @@ def ws_ld(p: int, n: int) -> int:
     return cdiv(p + n, align) * align
 
 
+def g_ld(p: int, n: int) -> int:
+    """Row stride of an image's half coefficient blocks Gc, Gr: |P| + |N| padded to 16 bytes."""
+    from ncl_fast.kernels import ncl_stored as k
+
+    align = k.G_ALIGN.value
+    return cdiv(p + n, align) * align
+
+
 def default_slot(L: int) -> int:
     """fp32 values of workspace per image, as `ncl_terms.workspace_slot` computes it."""
     from ncl_fast.kernels import ncl_terms as k
@@ -224,9 +232,27 @@ class Shape:
         return self.precision if self.up else "half"
 
     @property
+    def half_coef(self) -> bool:
+        """`ncl_terms._half_coef` on the GPU: the backward's coefficients in the features' half
+        type (`HALF_COEF_DTYPES`: bf16)."""
+        import torch
+
+        from ncl_fast.kernels import ncl_terms as k
+
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return not self.up and self.dtype in {names.get(d) for d in k.HALF_COEF_DTYPES}
+
+    @property
     def coef_class(self) -> str:
         """The stored backward's GEMMs: G x features (bf16: both in bf16; fp16: tf32)."""
-        return self.precision if self.up else ("half" if self.dtype == "bf16" else "tf32")
+        return self.precision if self.up else ("half" if self.half_coef else "tf32")
+
+    @property
+    def grad_tiles(self) -> dict:
+        """`ncl_stored.grad_tiles`: the grad kernel's tiles."""
+        from ncl_fast.kernels import ncl_stored as k
+
+        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last)
 
     @property
     def slot_(self) -> int:
@@ -521,7 +547,7 @@ def _k_coef(s: Shape) -> Launch | None:
 
     if not s.paths()[0]:
         return None
-    bm, bn = k.COEF_BM, k.COEF_BN
+    bm, bn, half = k.COEF_BM, k.COEF_BN, s.half_coef
     out = Launch("_ncl_coef_kernel", "bwd")
     imgs = list(s.images())
     per = [cdiv(p, bm) * cdiv(u, bn) if (t1 and st) else 0 for p, n, u, t1, st in imgs]
@@ -532,31 +558,46 @@ def _k_coef(s: Shape) -> Launch | None:
         p, n, u, _, _ = imgs[b]
         tm, tn = divmod(t - work.starts[b], cdiv(u, bn))
         rv, cl, cu = _rows(tm * bm, bm, p), _span(tn * bn, bn, 0, ws_ld(p, n)), _span(tn * bn, bn, 0, u)
-        # the search, start, counts, both blocks' offsets; S; lam, W
-        g = Prog(loaded=4 * s.log_b + 4 + 8 + 16 + 4 * rv * cl + 8 * rv, stored=4 * rv + 4 * cu + 4 * rv * cl)
+        # the search, start, counts, the blocks' offset (twice for fp32 G); S; lam, W
+        g = Prog(loaded=4 * s.log_b + 4 + 8 + (8 if half else 16) + 4 * rv * cl + 8 * rv,
+                 stored=4 * rv + 4 * cu)
         g.sfu += bm * bn * (1 if tn * bn >= p else 2)  # one exp per element; 1/x on tiles with tampered columns
+        if half:  # 1/|f| of the rows and columns; Gc and Gr, padded to their rows' stride
+            g.loaded += 4 * rv + 4 * cu
+            g.sfu += bm + bn
+            g.stored += 2 * 2 * rv * _span(tn * bn, bn, 0, g_ld(p, n))
+        else:
+            g.stored += 4 * rv * cl
         items.append(g)
     _persistent(out, items, _persistent_programs(s, k.COEF_PER_SM, s.B * cdiv(s.L, bn) * cdiv(s.L, bm)))
     for (p, n, u, t1, st), c in zip(imgs, per):
         if c:
-            out.hbm_read += 8 + 8 + 4 * p * ws_ld(p, n) + 8 * p
+            out.hbm_read += 8 + 8 + 4 * p * ws_ld(p, n) + 8 * p + (4 * u if half else 0)
     out.hbm_read += work.hbm
     return out
 
 
 def _k_grad(s: Shape) -> Launch | None:
+    """The backward GEMMs. Programs are not balanced: a tile of tampered rows runs K = 2|P| +
+    |N| partners, the others |P|; the launch orders them heavy first. Its `program` time (the
+    heaviest program on one SM's share) is what would show a binding one: at stage 1 in bf16
+    8.6 us against the launch's 33.6 us (L2) at [93, 877, 54] and 10.0 against 76.4 us at
+    [300, 650, 74]; in fp32 11.2 against 80.6 and 13.1 against 195.7 us."""
     from ncl_fast.kernels import ncl_stored as k
 
     stored_any, check = s.paths()
     if not stored_any:
         return None
-    bx, bd, cm, cn, L, D = k.GRAD_BX, k.GRAD_BD, k.COEF_BM, k.COEF_BN, s.L, s.D
-    by = k.GRAD_BY_F32 if s.up else k.GRAD_BY
+    tiles, half = s.grad_tiles, s.half_coef
+    bx, by, bd, cm, cn, L, D = tiles["BX"], tiles["BY"], tiles["BD"], k.COEF_BM, k.COEF_BN, s.L, s.D
     e = s.esize
+    # G: fp32 in S's layout, scaled by 1/|f| in the K loops (the partners' norms loaded there),
+    # or Gc and Gr in the features' half type, already scaled
+    ge, nb = (e, 0) if half else (4, 4)
     out = Launch("_ncl_grad_kernel", "bwd")
     flag = 8 if check else 0  # the plan's stored flag, where both paths can run
     for p, n, u, t1, st in s.images():
-        ld = ws_ld(p, n)
+        ld = g_ld(p, n) if half else ws_ld(p, n)
         for ci, (kw, reps) in enumerate(chunks(D, bd)):
             first = int(ci == 0)  # the group that holds chunk 0
             for tx in range(cdiv(L, bx)):
@@ -571,18 +612,18 @@ def _k_grad(s: Shape) -> Launch | None:
                 xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
                 g = Prog(loaded=flag + 8 + 4 * gi, stored=gi * kw * e)  # counts; the store's perm
                 if t1:
-                    g.loaded += 8 + 4  # the block's offset; g1
+                    g.loaded += (0 if half else 8) + 4  # the block's offset (fp32 G); g1
                     g.sfu += 1
                     if x0 < p:  # 1. row x of G, every partner in P u N
                         for y0 in range(0, u, by):
                             cv = _rows(y0, by, u)
-                            g.loaded += 4 * rp * _span(y0, by, 0, ld) + 8 * cv + cv * kw * e
-                            g.sfu += by
+                            g.loaded += ge * rp * _span(y0, by, 0, ld) + (4 + nb) * cv + cv * kw * e
+                            g.sfu += by if nb else 0
                             g.dot(s.coef_class, bx * by * bd)
                     for m0 in range(0, p, by):  # 2. column x of G, every partner in P
                         mv = _rows(m0, by, p)
-                        g.loaded += 4 * mv * _span(x0, bx, 0, ld) + 8 * mv + mv * kw * e
-                        g.sfu += by
+                        g.loaded += ge * mv * _span(x0, bx, 0, ld) + (4 + nb) * mv + mv * kw * e
+                        g.sfu += by if nb else 0
                         g.dot(s.coef_class, bx * by * bd)
                     g.loaded += 4 * rp * cdiv(u, cn) + 4 * xv * cdiv(p, cm)  # the partial dot sums
                 _row_setup(g, bx, xv, rp if t1 else 0)
@@ -601,8 +642,9 @@ def _k_grad(s: Shape) -> Launch | None:
         out.hbm_read += flag
         if st:
             out.hbm_read += 4 * L + (8 if u == 0 else 12 + 12 + 16 + 8 + 4 * u + 8 * u + u * D * e + 2 * D * e)
-            if t1:
-                out.hbm_read += 8 + 8 * p + 4 * p * ld + 4 * p * cdiv(u, cn) + 4 * u * cdiv(p, cm)
+            if t1:  # (the blocks' offset,) lam and W of P, G (Gc and Gr), the partial sums
+                out.hbm_read += (2 * ge * p * ld if half else 8 + 4 * p * ld) + 8 * p
+                out.hbm_read += 4 * p * cdiv(u, cn) + 4 * u * cdiv(p, cm)
     return out
 
 
@@ -690,10 +732,9 @@ def _k_anchor_bwd(s: Shape) -> Launch:
 
 def _k_anchor_grad(s: Shape) -> Launch:
     from ncl_fast.kernels import ncl_anchors as k
-    from ncl_fast.kernels import ncl_stored as ks
 
     stored_any, bounded = s.paths()
-    rs_n, blk, D, bx = k.ANCHOR_SPLITS, k.ANCHOR_GRAD_BLOCK, s.D, ks.GRAD_BX
+    rs_n, blk, D, bx = k.ANCHOR_SPLITS, k.ANCHOR_GRAD_BLOCK, s.D, s.grad_tiles["BX"]
     out = Launch("_ncl_anchor_grad_kernel", "bwd")
     for p, n, u, _, st in s.images():
         n_t = cdiv(u, bx) if (stored_any and st) else 0  # the stored backward's row tiles that wrote sums
@@ -714,7 +755,7 @@ def _k_anchor_grad(s: Shape) -> Launch:
 
 def _k_ws_fill(s: Shape) -> Launch:
     """torch.zeros of the workspace (B x slot fp32 values): one memset. The coefficient
-    buffer G (`torch.empty_like`) is not filled: every value read is written first."""
+    buffer G (`torch.empty`) is not filled: every value read is written first."""
     out = Launch("workspace zero-fill (memset)", "fwd", programs=1, working=1)
     out.stored = 4 * max(s.B * s.slot_, 1)
     return out

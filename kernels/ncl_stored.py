@@ -20,12 +20,16 @@ Backward:
   it: a second backward of the same graph reads it again) (one exp per element: e = exp(s_my - lam_m) gives
   -1/(1 + e) = -sigmoid(lam_m - s_mj) on tampered columns and W_m e on authentic ones;
   the diagonal and the padding get 0), and the partial sums of sum_y G_my s_my (per
-  row, over a column tile) and sum_m G_mx s_mx (per column, over a row tile);
+  row, over a column tile) and sum_m G_mx s_mx (per column, over a row tile). With
+  half coefficients (bf16 features) it writes G already scaled and rounded, twice:
+  Gc_my = G_my / |f_y| and Gr_my = G_my / |f_m| in the features' half type;
 * `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D): the two
   plain GEMMs of the floor, G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
-  loops only load G and F, scale G by 1/|f| and multiply; then the anchors' share
-  and the normalization's backward. Programs are ordered row tile first, so that the
-  tiles of tampered rows (the longest: K = 2|P| + |N| against |P|) start first.
+  loops only load and multiply (Gc's rows and Gr's columns with the features; fp32
+  G is scaled by 1/|f| in the loop); then the anchors' share and the normalization's
+  backward. Programs are ordered row tile first, so that the tiles of tampered rows
+  (the longest: K = 2|P| + |N| against |P|) start first (at the paper's shapes the
+  longest program stays well inside the launch's L2-bound time: no balancing).
 
 Work: one pass over the P x (P+N) block forward, two GEMMs backward.
 """
@@ -62,17 +66,48 @@ ROWS_PER_SM = 4
 COEF_BM = 16
 COEF_BN = 128
 COEF_PER_SM = 4
-# Backward GEMMs: 64 patches x 64 values of D per program, 16 partners per step (8 for
-# fp32, tf32's native k). bf16/fp16 run 8 warps within 128 registers (two blocks per SM).
+# Row stride of the half coefficient blocks Gc, Gr (HALF_COEF), in half values: 16-byte
+# rows, so that the backward's tiles of them load as 128-bit vectors.
+G_ALIGN: tl.constexpr = tl.constexpr(8)
+# Backward GEMMs, by the coefficients' type (`grad_tiles`). Every chunk of D re-reads its
+# rows and columns of G, and every row tile the partners' features: wider tiles read them
+# fewer times, as far as the registers allow.
+# * Half coefficients (bf16 features): 64 patches x 128 values of D per program, 32
+#   partners per step (8 half values of G per thread: 128-bit loads), 8 warps within 128
+#   registers (two blocks per SM; 128 x 128 spilled hundreds of bytes, and still 100-150
+#   on sm_80 with its epilogue run on four parts of the chunk in turn); at p = 1 in NCHW,
+#   where a patch's values are a channel apart and load as scalar gathers, 64 x 64 (64 x
+#   128 spilled there).
+# * fp32 coefficients: fp32 features, 64 x 64 per program and 8 partners per step (tf32's
+#   native k) in 4 warps; fp16 features (tf32 products), 64 x 64 and 16 partners in 8
+#   warps within 128 registers.
 GRAD_BX = 64
-GRAD_BY = 16
-GRAD_BD = 64
+GRAD_BY = 32
+GRAD_BD = 128
+GRAD_BD_GATHER = 64
 GRAD_WARPS = 8
 GRAD_STAGES = 2
 GRAD_MAXNREG = 128
+GRAD_BX_F32 = 64
+GRAD_BD_F32 = 64
+GRAD_BY_F32 = 8
 GRAD_WARPS_F32 = 4
 GRAD_STAGES_F32 = 1
-GRAD_BY_F32 = 8
+GRAD_BY_F16 = 16
+
+
+def grad_tiles(up: bool, half_coef: bool, gather: bool) -> dict:
+    """The grad kernel's tile sizes and launch options: `up` for fp32 operands (fp32
+    features), `half_coef` for coefficients in the features' half type (bf16), `gather`
+    where a patch's values are a channel apart (p = 1, NCHW)."""
+    if half_coef:
+        return dict(BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD_GATHER if gather else GRAD_BD, num_warps=GRAD_WARPS,
+                    num_stages=GRAD_STAGES, maxnreg=GRAD_MAXNREG)
+    if up:
+        return dict(BX=GRAD_BX_F32, BY=GRAD_BY_F32, BD=GRAD_BD_F32, num_warps=GRAD_WARPS_F32,
+                    num_stages=GRAD_STAGES_F32, maxnreg=None)
+    return dict(BX=GRAD_BX_F32, BY=GRAD_BY_F16, BD=GRAD_BD_F32, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+                maxnreg=GRAD_MAXNREG)
 
 
 @triton.jit
@@ -194,20 +229,39 @@ def _ncl_rows_kernel(
 
 
 @triton.jit
+def _g_ld(n_used):
+    """Row stride of an image's half coefficient blocks Gc and Gr (HALF_COEF): |P| + |N|
+    rounded up to a multiple of G_ALIGN half values (16-byte rows: 128-bit loads)."""
+    return tl.multiple_of((n_used + (G_ALIGN - 1)) // G_ALIGN * G_ALIGN, G_ALIGN)
+
+
+@triton.jit
+def _g_blocks(g_ptr, b, g_cap):
+    """The image's half coefficient blocks Gc and Gr (HALF_COEF): g_cap half values each
+    (a multiple of G_ALIGN), the image's pair at 2 b g_cap."""
+    cap = tl.multiple_of(g_cap, G_ALIGN)
+    gc_b = g_ptr + tl.multiple_of(b * 2 * cap, G_ALIGN)
+    return gc_b, gc_b + cap
+
+
+@triton.jit
 def _ncl_coef_kernel(
     ws_ptr,  # fp32 workspace: S of each stored image
-    g_ptr,  # fp32, the workspace's size and layout out: the coefficients G of each stored image
+    g_ptr,  # out: the coefficients of each stored image (fp32 G in the workspace's layout, or Gc, Gr: HALF_COEF)
     plan_ptr, counts_ptr,
     sched_ptr,  # (B + 1,) int32: the images' prefix sums of coefficient tiles
-    lse_ptr, w_ptr,
+    lse_ptr, w_ptr, nrm_ptr,
     rdot_ptr,  # (B, n_cn, L) fp32 out: sum over column tile j of G_my s_my, by row m
     cdot_ptr,  # (B, n_cm, L) fp32 out: sum over row tile i of G_mx s_mx, by column x
-    B, L, n_cn, n_cm,
-    BM: tl.constexpr, BN: tl.constexpr, LOG_B: tl.constexpr,
+    B, L, n_cn, n_cm, g_cap, eps,
+    BM: tl.constexpr, BN: tl.constexpr, HALF_COEF: tl.constexpr, LOG_B: tl.constexpr,
 ):
     """G = dL/dS / k1 over one (row tile, column tile) of S per item:
     G_mj = -sigmoid(lam_m - s_mj) (j in P, j != m), G_mi = W_m exp(s_mi - lam_m) (i in N),
-    0 on the diagonal and in the rows' padding."""
+    0 on the diagonal and in the rows' padding. HALF_COEF: written already scaled by the
+    partners' 1/|f| and rounded to the half type of `g_ptr`, twice (g_cap half values
+    apart, rows of _g_ld): Gc_my = G_my / max(|f_y|, eps) (the grad kernel's rows of G)
+    and Gr_my = G_my / max(|f_m|, eps) (its columns)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     total = tl.load(sched_ptr + B)
@@ -226,7 +280,6 @@ def _ncl_coef_kernel(
         cols = tn * BN + tl.arange(0, BN)
         offs = rows[:, None].to(tl.int64) * ld + cols[None, :]  # within the image's block
         s_b = _ws_block(ws_ptr, plan_ptr, b)
-        g_b = _ws_block(g_ptr, plan_ptr, b)
         inb = rmask[:, None] & (cols < ld)[None, :]  # whole aligned rows, padding included
         s = tl.load(s_b + offs, mask=inb, other=0.0)
         ok = rmask[:, None] & (cols < n_used)[None, :] & (rows[:, None] != cols[None, :])
@@ -244,7 +297,18 @@ def _ncl_coef_kernel(
         gs = g * s
         tl.store(rdot_ptr + (b * n_cn + tn) * L + rows, tl.sum(gs, axis=1), mask=rmask)
         tl.store(cdot_ptr + (b * n_cm + tm) * L + cols, tl.sum(gs, axis=0), mask=cols < n_used)
-        tl.store(g_b + offs, g, mask=inb)
+        if HALF_COEF:
+            # the products the grad kernel's dots take, as it formed them before: (G / |f|) in fp32,
+            # then rounded once; padding columns up to the half rows' stride get 0
+            rn_r = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=rmask, other=1.0), eps)
+            rn_c = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cols < n_used, other=1.0), eps)
+            gc_b, gr_b = _g_blocks(g_ptr, b, g_cap)
+            hoffs = rows[:, None].to(tl.int64) * _g_ld(n_used) + cols[None, :]
+            hinb = rmask[:, None] & (cols < _g_ld(n_used))[None, :]
+            tl.store(gc_b + hoffs, (g * rn_c[None, :]).to(g_ptr.dtype.element_ty), mask=hinb)
+            tl.store(gr_b + hoffs, (g * rn_r[:, None]).to(g_ptr.dtype.element_ty), mask=hinb)
+        else:
+            tl.store(_ws_block(g_ptr, plan_ptr, b) + offs, g, mask=inb)
 
 
 @triton.jit
@@ -253,13 +317,13 @@ def _ncl_grad_kernel(
     apos_ptr, aneg_ptr,
     perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
     gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
-    plan_ptr, ws_ptr,  # the coefficients G of each stored image, in the workspace's layout (_ncl_coef_kernel)
+    plan_ptr, g_ptr,  # the coefficients of each stored image (_ncl_coef_kernel: fp32 G, or Gc and Gr)
     rdot_ptr, cdot_ptr,  # the coefficient pass's partial sums (see _ncl_coef_kernel)
     apart_ptr, adots_ptr,  # (B, n_tx, 2, D), (B, n_tx, 2) fp32 out: the anchors' gradients' sums per row tile
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_td, n_cn, n_cm, inv_tau, eps,
+    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
     BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CM: tl.constexpr, CN: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr, IDX64: tl.constexpr,
     CHECK_STORED: tl.constexpr,
@@ -299,40 +363,43 @@ def _ncl_grad_kernel(
     pair = tl.zeros([BX, BD], dtype=tl.float32)
     pdot = tl.zeros([BX], dtype=tl.float32)
     if (n_p >= 2) & (n_n >= 1):
-        ws_b = _ws_block(ws_ptr, plan_ptr, b)
-        ld = _ws_ld(n_used)
-        # G loads as whole aligned runs of 4 columns (its padding columns are 0: 128-bit
+        # G loads as whole aligned runs of columns (its padding columns are 0: 128-bit
         # loads); the diagonal is 0 in G itself
+        if HALF_COEF:  # Gc and Gr: G already scaled by the partners' 1/|f|, in the features' half type
+            gc_b, gr_b = _g_blocks(g_ptr, b, g_cap)
+            ld = _g_ld(n_used)
+        else:  # fp32 G, scaled here
+            gc_b = _ws_block(g_ptr, plan_ptr, b)
+            gr_b = gc_b
+            ld = _ws_ld(n_used)
         # 1. x in P: sum_y G_xy hat f_y over y in P u N (row x of G)
         if x0 < n_p:
             for y0 in range(0, n_used, BY):
                 cols = y0 + tl.arange(0, BY)
                 ymask = cols < n_used
-                g = tl.load(ws_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
+                g = tl.load(gc_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
                             mask=x_is_p[:, None] & (cols < ld)[None, :], other=0.0)
-                rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=ymask, other=1.0), eps)
                 poff_y = _patch_offsets(perm_b, cols, ymask, Q, P_, stride_fy, stride_fx)
                 fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :],
                              other=0.0)
-                g = g * rn_y[None, :]
                 if HALF_COEF:  # both operands in the features' half type (bf16: the fp32 range)
-                    pair = tl.dot(g.to(fy.dtype), fy, pair)
+                    pair = tl.dot(g, fy, pair)
                 else:
-                    pair = tl.dot(g, fy.to(tl.float32), pair, input_precision=PRECISION)
+                    rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=ymask, other=1.0), eps)
+                    pair = tl.dot(g * rn_y[None, :], fy.to(tl.float32), pair, input_precision=PRECISION)
         # 2. every x: sum_m G_mx hat f_m over m in P (column x of G)
         for m0 in range(0, n_p, BY):
             ms = m0 + tl.arange(0, BY)
             mmask = ms < n_p
-            gt = tl.load(ws_b + ms[:, None].to(tl.int64) * ld + rows[None, :],
+            gt = tl.load(gr_b + ms[:, None].to(tl.int64) * ld + rows[None, :],
                          mask=mmask[:, None] & (rows < ld)[None, :], other=0.0)  # [BY, BX]
-            rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ms, mask=mmask, other=1.0), eps)
             poff_m = _patch_offsets(perm_b, ms, mmask, Q, P_, stride_fy, stride_fx)
             fm = tl.load(feat_b + poff_m[:, None] + d_off[None, :], mask=mmask[:, None] & kdmask[None, :], other=0.0)
-            gt = gt * rn_m[:, None]
             if HALF_COEF:
-                pair = tl.dot(tl.trans(gt.to(fm.dtype)), fm, pair)
+                pair = tl.dot(tl.trans(gt), fm, pair)
             else:
-                pair = tl.dot(tl.trans(gt), fm.to(tl.float32), pair, input_precision=PRECISION)
+                rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ms, mask=mmask, other=1.0), eps)
+                pair = tl.dot(tl.trans(gt * rn_m[:, None]), fm.to(tl.float32), pair, input_precision=PRECISION)
         # <hat f_x, sum_y T_xy hat f_y> tau = sum_y T_xy s_xy: the coefficient pass's
         # partial sums, added in a fixed order
         for j in range(0, tl.cdiv(n_used, CN)):

@@ -33,9 +33,10 @@ Precision. Similarities: bf16/fp16 features go to the tensor cores as they are
 for plain fp32 FMA; env `NCL_FAST_FP32_DOT_PRECISION`). Backward GEMMs: the
 coefficients G are formed once, in fp32, as values of order 1 (the factor k1 is
 applied after the product, so nothing underflows in any input dtype); they meet the
-features in `FP32_DOT_PRECISION` for fp32 features, in bf16 for bf16 features (G / |f_y|
-rounded to bf16 in registers: a relative 2^-9 per coefficient, below the bf16
-gradient's own rounding; `HALF_COEF_DTYPES`), and as tf32 for fp16 features (which tf32
+features in `FP32_DOT_PRECISION` for fp32 features, in bf16 for bf16 features (G / |f|
+formed in fp32 and rounded to bf16 by the coefficient pass, which writes them so:
+a relative 2^-9 per coefficient, below the bf16 gradient's own rounding;
+`HALF_COEF_DTYPES`), and as tf32 for fp16 features (which tf32
 holds exactly; the coefficients lose their low 13 mantissa bits; fp16 itself would
 lose relative precision below its normal range). Everything else is fp32.
 
@@ -58,11 +59,10 @@ from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOU
                           FWD_STAGES_IEEE, FWD_WARPS_HALF, FWD_WARPS_IEEE, NUM_WARPS_BWD, _ncl_pair_bwd_kernel,
                           _ncl_pair_fwd_kernel)
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
-from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, GRAD_BD, GRAD_BX, GRAD_BY, GRAD_BY_F32, GRAD_MAXNREG,
-                         GRAD_STAGES, GRAD_STAGES_F32, GRAD_WARPS, GRAD_WARPS_F32, ROWS_BC, ROWS_BM, ROWS_PER_SM,
-                         SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS,
-                         SIM_STAGES, SIM_WARPS, SIM_WARPS_F32,
-                         _ncl_coef_kernel, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel)
+from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, ROWS_BC, ROWS_BM, ROWS_PER_SM, SIM_BK_F32,
+                         SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS, SIM_STAGES,
+                         SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_kernel, _ncl_rows_kernel,
+                         _ncl_sim_kernel, grad_tiles)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
@@ -301,6 +301,14 @@ def _paths(L: int, slot: int) -> tuple[bool, bool]:
     return stored, bounded
 
 
+def _g_cap(slot: int, L: int) -> int:
+    """Half values of each of an image's coefficient blocks Gc and Gr (HALF_COEF): a stored
+    block has |P| ld(|P| + |N|) <= slot, and its half rows ld8 <= ld + 4, so |P| ld8 <= slot +
+    4 L; a multiple of G_ALIGN (16-byte blocks)."""
+    align = G_ALIGN.value
+    return (slot + 4 * L + align - 1) // align * align
+
+
 def _ld(n: int) -> int:
     align = WS_ALIGN.value
     return (n + align - 1) // align * align
@@ -352,23 +360,27 @@ def ncl_terms_bwd(
             n_cn, n_cm = triton.cdiv(L, COEF_BN), triton.cdiv(L, COEF_BM)
             rdot = torch.empty(B, n_cn, L, dtype=torch.float32, device=feat.device)
             cdot = torch.empty(B, n_cm, L, dtype=torch.float32, device=feat.device)
-            gws = torch.empty_like(ws)  # G, in S's layout (every value read is written first)
+            half = _half_coef(feat)
+            # G (not zeroed: every value read is written first): fp32 in S's layout, or for half
+            # coefficients Gc and Gr, g_cap half values each per image (rows of ld8(|P| + |N|) <=
+            # ld(|P| + |N|) + 4: |P| ld8 <= slot + 4 L, about the fp32 block's bytes for both)
+            g_cap = _g_cap(ws.numel() // B, L) if half else 0
+            gws = torch.empty(B * 2 * g_cap, dtype=feat.dtype, device=feat.device) if half else torch.empty_like(ws)
             _ncl_coef_kernel[(_persistent(feat.device, COEF_PER_SM, B * n_cn * n_cm),)](
-                ws, gws, plan, counts, sched[2], lse, w, rdot, cdot, B, L, n_cn, n_cm,
-                BM=COEF_BM, BN=COEF_BN, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
+                ws, gws, plan, counts, sched[2], lse, w, nrm, rdot, cdot, B, L, n_cn, n_cm, g_cap, EPS,
+                BM=COEF_BM, BN=COEF_BN, HALF_COEF=half, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
             )
             # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
-            n_tx_s, n_td = triton.cdiv(L, GRAD_BX), triton.cdiv(D, GRAD_BD)
+            tiles = grad_tiles(up, half, patch == 1 and not cl)
+            n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)
             spart = torch.empty(B, n_tx_s, 2, D, dtype=torch.float32, device=feat.device)
             sdots = torch.empty(B, n_tx_s, 2, dtype=torch.float32, device=feat.device)
             _ncl_grad_kernel[(_grid_check(n_tx_s * B * n_td, "the backward"),)](
                 feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
-                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_td, n_cn, n_cm, inv_tau, EPS,
-                BX=GRAD_BX, BY=GRAD_BY_F32 if up else GRAD_BY, BD=GRAD_BD, CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl,
-                PRECISION=precision if up else "tf32", HALF_COEF=_half_coef(feat), IDX64=wide,
-                CHECK_STORED=bounded_any, num_warps=GRAD_WARPS_F32 if up else GRAD_WARPS,
-                num_stages=GRAD_STAGES_F32 if up else GRAD_STAGES, maxnreg=None if up else GRAD_MAXNREG,
+                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_td, n_cn, n_cm, g_cap, inv_tau, EPS,
+                CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl, PRECISION=precision if up else "tf32", HALF_COEF=half,
+                IDX64=wide, CHECK_STORED=bounded_any, **tiles,
             )
         if bounded_any:
             bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
@@ -400,10 +412,10 @@ def ncl_terms_bwd(
             part = dots = gout  # not read
         if not stored_any:
             spart = sdots = gout  # not read
-            n_tx_s = 1
+            n_tx_s, tiles = 1, dict(BX=1)
         _ncl_anchor_grad_kernel[(triton.cdiv(D, ANCHOR_GRAD_BLOCK), B)](
             part, dots, spart, sdots, counts, plan, anchor_pos, anchor_neg, nrma, grad_pos, grad_neg,
-            *as_, D, n_tx_s, inv_tau, EPS, RS=ANCHOR_SPLITS, BX=GRAD_BX, STORED=stored_any, BOUNDED=bounded_any,
+            *as_, D, n_tx_s, inv_tau, EPS, RS=ANCHOR_SPLITS, BX=tiles["BX"], STORED=stored_any, BOUNDED=bounded_any,
             BLOCK=ANCHOR_GRAD_BLOCK, IDX64=wide, num_warps=NUM_WARPS,
         )
     return grad_feat, grad_pos, grad_neg

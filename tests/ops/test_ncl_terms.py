@@ -596,14 +596,19 @@ def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
 
 def test_half_coefficients_path(gen, monkeypatch):
     # The backward's coefficients in the features' half type (bf16 on a GPU; run here with
-    # fp16, whose tensor-core dots the interpreter computes as the GPU does), several tiles.
+    # fp16, whose tensor-core dots the interpreter computes as the GPU does): Gc and Gr,
+    # written by the coefficient pass already scaled by the partners' 1/|f|. Several row
+    # tiles (|P| > 64, L = 289) and chunks of D (D = 132 > 128, the half path's chunk).
     require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_stored as ks
     from ncl_fast.kernels import ncl_terms as k
 
     monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
     monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
     assert k._half_coef(torch.empty(0, dtype=torch.float16))
-    shape = (2, 17, 34, 34, 2)
+    shape = (2, 33, 34, 34, 2)
+    tiles = ks.grad_tiles(False, True, False)
+    assert 132 > tiles["BD"] and 70 > tiles["BX"]
     feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=torch.float16)
     labels = torch.stack([
         torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]

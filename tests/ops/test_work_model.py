@@ -114,13 +114,16 @@ SIZES = [(40, 150, 66), (90, 100, 66), (1, 200, 55), (70, 186, 0)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,dtype,precision,sms", [
-    ("stored", torch.float32, "tf32x3", 16),
-    ("bounded", torch.float32, "tf32x3", 2),
-    ("mixed", torch.float32, "ieee", 2),
-    ("mixed", torch.float16, "tf32x3", 16),
+@pytest.mark.parametrize("path,dtype,precision,sms,half_coef", [
+    ("stored", torch.float32, "tf32x3", 16, False),
+    ("bounded", torch.float32, "tf32x3", 2, False),
+    ("mixed", torch.float32, "ieee", 2, False),
+    ("mixed", torch.float16, "tf32x3", 16, False),
+    # the half coefficients Gc, Gr (bf16 on a GPU; fp16 here, whose dots the interpreter
+    # runs as the GPU does)
+    ("stored", torch.float16, "tf32x3", 16, True),
 ])
-def test_work_model_matches_the_kernels(path, dtype, precision, sms, gen, monkeypatch):
+def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, gen, monkeypatch):
     require_backend("triton", "ncl_terms")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("counts what Triton's interpreter executes")
@@ -145,6 +148,9 @@ def test_work_model_matches_the_kernels(path, dtype, precision, sms, gen, monkey
     # the SMs the persistent grids are sized for: 16 gives the similarity GEMM split-K
     # parts (and persistent programs without items), 2 several items per program
     monkeypatch.setattr(k, "INTERPRET_SMS", sms)
+    if half_coef:
+        monkeypatch.setattr(k, "HALF_COEF_DTYPES", (dtype,))
+    assert k._half_coef(torch.empty(0, dtype=dtype)) == half_coef
     counter = WorkCounter(monkeypatch)
     functional.ncl_terms(feat, labels, a_pos, a_neg, PATCH, impl="triton").sum().backward()
     half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "")
@@ -172,9 +178,11 @@ def test_work_model_matches_the_kernels(path, dtype, precision, sms, gen, monkey
         want = {"programs": x.programs, "dot_programs": x.dot_programs, "macs": {c: v for c, v in x.macs.items() if v},
                 "sfu": x.sfu, "loaded": x.loaded, "hbm_read": x.hbm_read, "stored": x.stored}
         assert got == want, name
-    # the half path's dots are the similarities' (16-bit operands); the backward's are fp32
+    # the half path's dots are the similarities' (16-bit operands); the backward's are fp32,
+    # or half with half coefficients
     classes = {c for x in model.values() for c in x.macs}
-    assert classes == ({precision} if dtype == torch.float32 else {"half", "tf32"})
+    assert classes == ({precision} if dtype == torch.float32 else {"half"} if half_coef else {"half", "tf32"})
+    assert shape.half_coef == half_coef
 
 
 def test_floor_and_prediction_at_the_paper_shapes():

@@ -88,9 +88,9 @@ def test_kernels_compile_for_sm90_and_sm80_without_new_spills(tmp_path):
     assert len(grad) == 2 * len(names)
     for r in grad:
         assert int(str(r[8]).split()[0]) >= 2, r
-    # ... and every load of G (its rows padded to 16 bytes) is a 128-bit load or a
-    # 16-byte cp.async
-    s_loads = [line for line in text.splitlines() if "tl.load(ws_b +" in line]
+    # ... and every load of G (fp32 G, or the half blocks Gc and Gr: rows padded to 16
+    # bytes) is a 128-bit load or a 16-byte cp.async
+    s_loads = [line for line in text.splitlines() if "tl.load(gc_b +" in line or "tl.load(gr_b +" in line]
     assert len(s_loads) >= 2 * len(grad), s_loads  # both tiles of G, every variant
     for line in s_loads:
         assert " x ld.global.v4.b32 " in line or " x cp.async 16 B " in line, line
