@@ -109,7 +109,8 @@ def chunks(D: int, bd: int) -> list[tuple[int, int]]:
     """(active width, how many) of the chunks of D that programs of width `bd` take."""
     n = cdiv(D, bd)
     last = D - (n - 1) * bd
-    return [(bd, n - 1), (last, 1)] if last != bd else [(bd, n)]
+    groups = [(bd, n - 1), (last, 1)] if last != bd else [(bd, n)]
+    return [(w, c) for w, c in groups if c > 0]
 
 
 # ---- counts ------------------------------------------------------------------------------
@@ -632,7 +633,9 @@ def _k_grad(s: Shape) -> Launch | None:
                 # rows of the product out; the first chunk's programs also load s(a+-, x) and
                 # store the dots
                 g.sfu += bx
-                g.dot(s.precision if s.up else "tf32", 16 * bx * bd)  # a [16, x] @ [x, D] product
+                # a [16, x] @ [x, D] product: fp32 features at their precision; fp16 (fp32
+                # coefficients) in tf32; bf16 (half coefficients) in bf16
+                g.dot(s.precision if s.up else ("half" if half else "tf32"), 16 * bx * bd)
                 g.stored += 2 * kw * 4
                 _grad_out(g, bx, bd, kw, e)
                 if first:

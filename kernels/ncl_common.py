@@ -233,11 +233,15 @@ def _anchor_parts(part_ptr, dots_ptr, b, tx, n_tx, first_chunk, rows, xmask, c_p
     features the tile already holds: sum_x c+-_x hat f_x into part (B, n_tx, 2, D), and
     on the first chunk sum_x c+-_x s(a+-, x) into dots (B, n_tx, 2) (c = 0 past the list).
     The sums over x run on the tensor cores, as a [16, x] @ [x, D] product whose rows 0
-    and 1 hold the coefficients (a reduction across the tile's rows held registers)."""
+    and 1 hold the coefficients (a reduction across the tile's rows held registers), in
+    fx's own type: fp32 (at PRECISION), or a half type for both operands."""
     rn_x = 1.0 / tl.maximum(nrm_x, eps)
     sel = tl.arange(0, 16)[:, None]
     coef = tl.where(sel == 0, (c_pos * rn_x)[None, :], tl.where(sel == 1, (c_neg * rn_x)[None, :], 0.0))
-    sums = tl.dot(coef, fx, input_precision=PRECISION)
+    if fx.dtype == tl.float32:
+        sums = tl.dot(coef, fx, input_precision=PRECISION)
+    else:  # half features (bf16: the coefficients keep the fp32 range), fp32 accumulation
+        sums = tl.dot(coef.to(fx.dtype), fx)
     out = part_ptr + ((b * n_tx + tx) * 2) * D
     tl.store(out + sel * D + canon[None, :], sums, mask=(sel < 2) & kdmask[None, :])
     if first_chunk:

@@ -417,13 +417,24 @@ def _ncl_grad_kernel(
     # the anchors' share, then through the normalization into the map's own layout;
     # contour rows of a mixed tile get 0
     fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
-                 mask=xmask[:, None] & kdmask[None, :], other=0.0).to(tl.float32)
+                 mask=xmask[:, None] & kdmask[None, :], other=0.0)
     # the anchors' gradients take their sums over x from the features loaded here (no
-    # second pass over the map)
-    _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx, canon, kdmask,
-                  sa_ptr, L, D, eps, PRECISION)
-    grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx, b, kdmask, canon, apos_ptr, aneg_ptr, nrma_ptr,
-                     stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
+    # second pass over the map); with half coefficients, in the features' half type
+    # (where they go decides the registers ptxas keeps: with fp32 coefficients they come
+    # before the gradient's epilogue at p = 1, after it otherwise; with half coefficients,
+    # after the tile's gradient is stored, from the half tile: the placements that spill
+    # in no variant)
+    if not HALF_COEF and P_ == 1:
+        _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x,
+                      fx.to(tl.float32), canon, kdmask, sa_ptr, L, D, eps, PRECISION)
+    grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx.to(tl.float32), b, kdmask, canon, apos_ptr, aneg_ptr,
+                     nrma_ptr, stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
     grad = tl.where(xmask[:, None], grad, 0.0)
+    if not HALF_COEF and P_ != 1:
+        _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x,
+                      fx.to(tl.float32), canon, kdmask, sa_ptr, L, D, eps, PRECISION)
     _store_rows(grad_ptr + b * stride_gb, grad, perm_b, rows, in_grid, kd, kdmask,
                 C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
+    if HALF_COEF:
+        _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx, canon,
+                      kdmask, sa_ptr, L, D, eps, PRECISION)
