@@ -385,8 +385,11 @@ def _k_stats_fwd(s: Shape) -> Launch:
     from ncl_fast.kernels import ncl_anchors as k
 
     bx, L, D = k.STATS_BX, s.L, s.D
+    sim = s.paths()[0]  # the similarity GEMM ran: its images' sums are added here
     out = Launch("_ncl_stats_fwd_kernel", "fwd")
-    for p, n, u, t1, _ in s.images():
+    for p, n, u, t1, st in s.images():
+        done = sim and t1 and st
+        splits = s.splits(p, n) if done else 0
         for pid in range(cdiv(L, bx)):
             x0 = pid * bx
             lanes = _rows(x0, bx, L)
@@ -398,11 +401,21 @@ def _k_stats_fwd(s: Shape) -> Launch:
                 out.add(g, working=False)
                 continue
             cnt = _rows(x0, bx, u)
-            g.loaded += cnt * 4 + cnt * D * s.esize + 2 * D * s.esize  # perm, features, both anchors
-            g.ffma += 3 * bx * D + 2 * D
+            if sim and t1:
+                g.loaded += 8  # the plan's stored flag
+            if done:  # the parts' sums: splits, then 3 values per patch and 2 per part
+                g.loaded += 8 + splits * (3 * 4 * cnt + 2 * 4)
+                g.ffma += splits * (3 * bx + 2)
+            else:
+                g.loaded += cnt * 4 + cnt * D * s.esize + 2 * D * s.esize  # perm, features, both anchors
+                g.ffma += 3 * bx * D + 2 * D
             g.sfu += 2 * bx + 4  # sqrt and 1/x per patch; the anchors' sqrt and 1/x
             out.add(g)
-        out.hbm_read += 8 + 4 * u + u * D * s.esize + 2 * D * s.esize
+        out.hbm_read += 8 + (8 if sim and t1 else 0)
+        if done:
+            out.hbm_read += 8 + splits * (3 * 4 * u + 2 * 4)
+        else:
+            out.hbm_read += 4 * u + u * D * s.esize + 2 * D * s.esize
     return out
 
 
@@ -427,16 +440,21 @@ def _k_sim(s: Shape) -> Launch | None:
         tm, tn = divmod(tile, n_tn)
         chunk = cdiv(cdiv(D, splits), bk) * bk
         k_lo, k_hi = ks * chunk, min(ks * chunk + chunk, D)
+        kw = k_hi - k_lo
         rv, cv = _rows(tm * bm, bm, p), _rows(tn * bn, bn, u)
-        # the binary search, the image's start, counts, splits; perm and norms; the features; the offset
-        g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 8 * (rv + cv) + (rv + cv) * (k_hi - k_lo) * s.esize + 8,
-                 stored=4 * rv * cv, sfu=bm + bn)
-        g.dot(s.sim_class, bm * bn * cdiv(k_hi - k_lo, bk) * bk)
+        # the binary search, the image's start, counts, splits; perm; the features and both
+        # anchors' values; the offset
+        g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 4 * (rv + cv) + (rv + cv + 2) * kw * s.esize + 8,
+                 stored=4 * rv * cv)
+        g.ffma += 3 * bn * cdiv(kw, bk) * bk + 2 * cdiv(kw, bk) * bk  # the columns' statistics
+        if tm == 0:  # the columns' statistics of the part (and the anchors' norms: first column tile)
+            g.stored += 3 * 4 * cv + (8 if tn == 0 else 0)
+        g.dot(s.sim_class, bm * bn * cdiv(kw, bk) * bk)
         items.append(g)
     _persistent(out, items, _persistent_programs(s, k.SIM_PER_SM, s.B * cdiv(s.L, bm) * cdiv(s.L, bn) * k.SIM_SPLITS))
     for (p, n, u, t1, st), c in zip(imgs, per):
-        if c:
-            out.hbm_read += 8 + 16 + 8 * u + u * D * s.esize  # counts, plan; perm, norms, features
+        if c:  # counts, plan; perm, features, anchors
+            out.hbm_read += 8 + 16 + 4 * u + u * D * s.esize + 2 * D * s.esize
     out.hbm_read += work.hbm
     return out
 
@@ -458,20 +476,21 @@ def _k_rows(s: Shape) -> Launch | None:
         splits, ld = s.splits(p, n), ws_ld(p, n)
         blk = t - work.starts[b]
         rv = _rows(blk * bm, bm, p)
-        g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 8, stored=8 * rv + 4, sfu=bm)  # ...; the offset; log
-        for c0 in range(p // 4 * 4, u, bc):  # 1. the online log-sum-exp over N
-            g.loaded += 4 * rv * _span(c0, bc, 0, ld) * splits
-            g.stored += 4 * rv * _span(c0, bc, p, u) if splits > 1 else 0
-            g.sfu += bm + bm * bc
+        # ...; the offset; the rows' norms (and their 1/x); log
+        g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 8 + 4 * rv, stored=8 * rv + 4, sfu=2 * bm)
+        for c0 in range(p // 4 * 4, u, bc):  # 1. the online log-sum-exp over N (S written normalized)
+            g.loaded += 4 * rv * _span(c0, bc, 0, ld) * splits + 4 * _span(c0, bc, 0, u)
+            g.stored += 4 * rv * _span(c0, bc, p, u)
+            g.sfu += bm + bc + bm * bc
         for c0 in range(0, p, bc):  # 2. softplus (exp, log) and sigmoid (exp, 1/x), every lane
-            g.loaded += 4 * rv * _span(c0, bc, 0, ld) * splits
-            g.stored += 4 * rv * _span(c0, bc, 0, p) if splits > 1 else 0
-            g.sfu += 4 * bm * bc
+            g.loaded += 4 * rv * _span(c0, bc, 0, ld) * splits + 4 * _span(c0, bc, 0, p)
+            g.stored += 4 * rv * _span(c0, bc, 0, p)
+            g.sfu += bc + 4 * bm * bc
         items.append(g)
     _persistent(out, items, _persistent_programs(s, k.ROWS_PER_SM, s.B * cdiv(s.L, bm)))
     for (p, n, u, t1, st), c in zip(imgs, per):
         if c:
-            out.hbm_read += 8 + 16 + 4 * s.splits(p, n) * p * ws_ld(p, n)
+            out.hbm_read += 8 + 16 + 4 * s.splits(p, n) * p * ws_ld(p, n) + 4 * u
     out.hbm_read += work.hbm
     return out
 
@@ -772,8 +791,8 @@ def _k_ws_fill(s: Shape) -> Launch:
 KERNELS = (
     (_k_ws_fill, None),
     (_k_plan, ("ncl_anchors", "_ncl_plan_kernel")),
-    (_k_stats_fwd, ("ncl_anchors", "_ncl_stats_fwd_kernel")),
     (_k_sim, ("ncl_stored", "_ncl_sim_kernel")),
+    (_k_stats_fwd, ("ncl_anchors", "_ncl_stats_fwd_kernel")),
     (_k_rows, ("ncl_stored", "_ncl_rows_kernel")),
     (_k_pair_fwd, ("ncl_bounded", "_ncl_pair_fwd_kernel")),
     (_k_anchor_fwd, ("ncl_anchors", "_ncl_anchor_fwd_kernel")),

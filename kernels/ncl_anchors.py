@@ -1,8 +1,10 @@
 """Per-patch statistics and the anchors' terms t2, t3 (SPEC.md section 5; notation in
 `ncl_common.py`), shared by both algorithms:
 
-* `_ncl_stats_fwd_kernel`: |f_x|, s(a+, x), s(a-, x) of every listed patch, the
-  anchors' norms and the image's workspace plan (one pass over the used patches);
+* `_ncl_stats_fwd_kernel`: |f_x|, s(a+, x), s(a-, x) of every listed patch and the
+  anchors' norms: for the stored path's images, from the sums the similarity GEMM
+  formed over its parts of D (it loads every used patch's features already); for the
+  others, one pass over the used patches;
 * `_ncl_anchor_fwd_kernel`: t2 and t3, and t1 closed from the row blocks' sums;
 * `_ncl_anchor_bwd_kernel` (the bounded path's images; the stored path's backward forms
   the same sums from the features it loads), `_ncl_anchor_grad_kernel`: both anchors'
@@ -31,6 +33,8 @@ def _ncl_stats_fwd_kernel(
     feat_ptr,  # (B, C, h, w) fp32/bf16/fp16, strides below
     apos_ptr, aneg_ptr,  # (B, D) anchors a+, a- (canonical order)
     perm_ptr, counts_ptr,  # (B, L) int32, (B, 3) int32
+    plan_ptr,  # (B, 3) int64: the workspace plan (_ncl_plan_kernel)
+    colpart_ptr, apart_ptr,  # the similarity GEMM's statistics per part of D (SIM: see _ncl_sim_kernel)
     nrm_ptr,  # (B, L) fp32 out: |f_x| by list position
     sa_ptr,  # (B, 2, L) fp32 out: s(a+, x), s(a-, x) by list position
     lse_ptr, w_ptr,  # (B, L) fp32 out: 0 at the positions the t1 kernels leave (not tampered rows of t1)
@@ -38,7 +42,8 @@ def _ncl_stats_fwd_kernel(
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_ab, stride_ad, stride_nb, stride_nd,
     L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
-    BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, SIM: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -54,6 +59,7 @@ def _ncl_stats_fwd_kernel(
     # Every entry of the (B, L) outputs is written, those past the image's lists as 0 (and
     # lam, W wherever the t1 kernels do not write them): the op's outputs are defined
     # values, which torch.compile's checks compare, and nothing reads unwritten memory.
+    t1_ok = (n_p >= 2) & (n_n >= 1)
     not_t1_row = (pos >= n_p) | (n_p < 2) | (n_n < 1)
     tl.store(lse_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
     tl.store(w_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
@@ -64,29 +70,48 @@ def _ncl_stats_fwd_kernel(
         tl.store(sa_ptr + b * 2 * L + L + pos, zero, mask=in_list)
         return
     pmask = pos < n_used
-    feat_b = feat_ptr + b * stride_fb
-    poff = _patch_offsets(perm_ptr + b * L, pos, pmask, Q, P_, stride_fy, stride_fx)
     sq = tl.zeros([BLOCK_X], dtype=tl.float32)
     dp = tl.zeros([BLOCK_X], dtype=tl.float32)
     dn = tl.zeros([BLOCK_X], dtype=tl.float32)
-    ap2 = tl.zeros([BLOCK_K], dtype=tl.float32)
-    an2 = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < D
-        d_off, canon = _d_offsets(k, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
-        f = tl.load(feat_b + poff[:, None] + d_off[None, :], mask=pmask[:, None] & kmask[None, :], other=0.0)
-        f = f.to(tl.float32)
-        ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kmask, other=0.0).to(tl.float32)
-        an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kmask, other=0.0).to(tl.float32)
-        sq += tl.sum(f * f, axis=1)
-        dp += tl.sum(f * ap[None, :], axis=1)
-        dn += tl.sum(f * an[None, :], axis=1)
-        ap2 += ap * ap
-        an2 += an * an
+    ap2 = tl.zeros([], dtype=tl.float32)
+    an2 = tl.zeros([], dtype=tl.float32)
+    sim_done = tl.zeros([], dtype=tl.int64)
+    if SIM:
+        if t1_ok:
+            sim_done = _is_stored(plan_ptr, b)
+    if sim_done != 0:
+        # the similarity GEMM summed these over its parts of D: add the parts in order
+        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        for k in range(0, splits):
+            cp = colpart_ptr + ((b * SPLITS + k) * 3) * L
+            sq += tl.load(cp + pos, mask=pmask, other=0.0)
+            dp += tl.load(cp + L + pos, mask=pmask, other=0.0)
+            dn += tl.load(cp + 2 * L + pos, mask=pmask, other=0.0)
+            ap2 += tl.load(apart_ptr + (b * SPLITS + k) * 2)
+            an2 += tl.load(apart_ptr + (b * SPLITS + k) * 2 + 1)
+    else:
+        feat_b = feat_ptr + b * stride_fb
+        poff = _patch_offsets(perm_ptr + b * L, pos, pmask, Q, P_, stride_fy, stride_fx)
+        apv = tl.zeros([BLOCK_K], dtype=tl.float32)
+        anv = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < D
+            d_off, canon = _d_offsets(k, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+            f = tl.load(feat_b + poff[:, None] + d_off[None, :], mask=pmask[:, None] & kmask[None, :], other=0.0)
+            f = f.to(tl.float32)
+            ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kmask, other=0.0).to(tl.float32)
+            an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kmask, other=0.0).to(tl.float32)
+            sq += tl.sum(f * f, axis=1)
+            dp += tl.sum(f * ap[None, :], axis=1)
+            dn += tl.sum(f * an[None, :], axis=1)
+            apv += ap * ap
+            anv += an * an
+        ap2 = tl.sum(apv, axis=0)
+        an2 = tl.sum(anv, axis=0)
     nrm = tl.sqrt(sq)
-    nrm_p = tl.sqrt(tl.sum(ap2, axis=0))
-    nrm_n = tl.sqrt(tl.sum(an2, axis=0))
+    nrm_p = tl.sqrt(ap2)
+    nrm_n = tl.sqrt(an2)
     rn = 1.0 / tl.maximum(nrm, eps)
     # past the lists the loads gave 0: these stores write zeros there
     tl.store(nrm_ptr + b * L + pos, nrm, mask=in_list)

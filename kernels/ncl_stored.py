@@ -9,9 +9,14 @@ that have work, an item's image found by a binary search over the prefix sums):
 * `_ncl_sim_kernel`: the similarity GEMM, one item per (split of D, row tile, column
   tile) of S. An image whose tiles alone would leave SMs idle splits D into up to
   SIM_SPLITS parts (as many as its slot holds blocks): each part writes its own
-  partial block, the row pass adds them in a fixed order (deterministic);
-* `_ncl_rows_kernel`: one item per block of ROWS_BM rows: adds the partial blocks
-  into S, then lam_m, W_m and the rows' share of t1.
+  partial block of dots, the row pass adds them in a fixed order (deterministic).
+  From the column tiles it loads anyway, the items of the first row tile also sum
+  each column's |f_y|^2 and its dots with both anchors (and the anchors' |a|^2) over
+  their part of D: the statistics pass adds those parts up instead of reading the
+  map a second time;
+* `_ncl_rows_kernel`: one item per block of ROWS_BM rows: adds the partial blocks,
+  scales them by 1 / (|f_m| |f_y| tau) into S, then lam_m, W_m and the rows' share
+  of t1.
 
 Backward:
 
@@ -39,13 +44,16 @@ import triton
 import triton.language as tl
 
 from .ncl_common import (_anchor_parts, _d_offsets, _find_image, _grad_out, _is_stored, _pair_terms, _patch_offsets, _row_setup,
-                         _sim_tile, _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
+                         _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
 
 # Similarity GEMM, half features: 128 tampered rows (two wgmma M tiles) x 64 columns per
 # item on 8 warps; fp32 (tf32x3 or FFMA, bound by its multiply-adds, and spilling at the
 # half tiles): 64 x 32 on 4 warps. K chunks of 64 half values or 32 fp32 values (128 B).
 # At most SIM_SPLITS parts of D per image, as many as bring the batch to SIM_PER_SM items
-# per SM (the plan kernel's choice).
+# per SM (the plan kernel's choice). The columns' statistics in the K loop hold the column
+# tile in registers too: half features at 8 warps take 125-242 registers (one block per SM
+# in NCHW; `maxnreg=128` spilled 4-384 B), fp32 at 4 warps up to 255 on sm_80; ieee runs
+# 2 stages (3 spilled 16 B at p = 1 on sm_90).
 SIM_BM = 128
 SIM_BN = 64
 SIM_WARPS = 8
@@ -55,11 +63,13 @@ SIM_WARPS_F32 = 4
 SIM_BK_HALF = 64
 SIM_BK_F32 = 32
 SIM_STAGES = 3
+SIM_STAGES_IEEE = 2
 SIM_SPLITS = 8
 SIM_PER_SM = 4
-# Row pass over S: 8 rows x 128 columns per step (4 warps, 72 registers): short items,
-# as each reads its rows of every partial block.
-ROWS_BM = 8
+# Row pass over S: 4 rows x 128 columns per step (4 warps, 56 registers, 9 blocks per
+# SM): short items, as each reads its rows of every partial block (8 rows took 95
+# registers and twice as long an item, with the rows' norms loaded here).
+ROWS_BM = 4
 ROWS_BC = 128
 ROWS_PER_SM = 4
 # Coefficient pass: tiles of 16 rows x 128 columns of S (4 warps, about 100 registers).
@@ -112,12 +122,15 @@ def grad_tiles(up: bool, half_coef: bool, gather: bool) -> dict:
 
 @triton.jit
 def _ncl_sim_kernel(
-    feat_ptr, perm_ptr, counts_ptr, nrm_ptr, plan_ptr,
+    feat_ptr, apos_ptr, aneg_ptr, perm_ptr, counts_ptr, plan_ptr,
     sched_ptr,  # (B + 1,) int32: the images' prefix sums of similarity items
-    ws_ptr,  # fp32 workspace out: the partial blocks of S of each stored image
+    ws_ptr,  # fp32 workspace out: the partial blocks of <f_m, f_y> of each stored image
+    colpart_ptr,  # (B, SIM_SPLITS, 3, L) fp32 out: per part of D, sum f_y^2, <f_y, a+>, <f_y, a->
+    apart_ptr,  # (B, SIM_SPLITS, 2) fp32 out: per part of D, |a+|^2, |a-|^2
     stride_fb, stride_fc, stride_fy, stride_fx,
-    B, L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    B, L, Q, C, P_: tl.constexpr, D,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     LOG_B: tl.constexpr,
 ):
@@ -125,6 +138,7 @@ def _ncl_sim_kernel(
     nprog = tl.num_programs(0)
     # int64 offsets where an image can span past 2^31 elements
     stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
     total = tl.load(sched_ptr + B)
     for t in range(pid, total, nprog):
         bi = _find_image(sched_ptr, t, B, LOG_B)
@@ -150,27 +164,58 @@ def _ncl_sim_kernel(
         cmask = cols < n_used
         poff_m = _patch_offsets(perm_b, rows, rmask, Q, P_, stride_fy, stride_fx)
         poff_n = _patch_offsets(perm_b, cols, cmask, Q, P_, stride_fy, stride_fx)
-        rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=rmask, other=1.0), eps)
-        rn_n = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=cmask, other=1.0), eps)
-        s = _sim_tile(feat_b, poff_m, rmask, rn_m, poff_n, cmask, rn_n, C, P_, D, stride_fc, stride_fy,
-                      stride_fx, inv_tau, k_lo, k_hi, BM, BN, BK, CHANNELS_LAST, UPCAST, PRECISION)
+        # the GEMM's partial dots, and from the column tiles it loads anyway the columns'
+        # statistics (|f_y|^2 and both anchors' dots: no pass of its own over the map)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        sq = tl.zeros([BN], dtype=tl.float32)
+        dp = tl.zeros([BN], dtype=tl.float32)
+        dn = tl.zeros([BN], dtype=tl.float32)
+        ap2 = tl.zeros([], dtype=tl.float32)
+        an2 = tl.zeros([], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < D
+            d_off, canon = _d_offsets(k, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+            fm = tl.load(feat_b + poff_m[:, None] + d_off[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            fy = tl.load(feat_b + poff_n[:, None] + d_off[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:  # fp32 inputs: fp32 operands at PRECISION
+                acc = tl.dot(fm.to(tl.float32), tl.trans(fy.to(tl.float32)), acc, input_precision=PRECISION)
+            else:  # bf16/fp16 products are exact in the fp32 accumulator
+                acc = tl.dot(fm, tl.trans(fy), acc)
+            ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kmask, other=0.0).to(tl.float32)
+            an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kmask, other=0.0).to(tl.float32)
+            fyf = fy.to(tl.float32)
+            sq += tl.sum(fyf * fyf, axis=1)
+            dp += tl.sum(fyf * ap[None, :], axis=1)
+            dn += tl.sum(fyf * an[None, :], axis=1)
+            ap2 += tl.sum(ap * ap, axis=0)
+            an2 += tl.sum(an * an, axis=0)
         # rows of ld values, partial block ks at ks |P| ld; the padding columns [|P| + |N|, ld)
-        # keep the workspace's zeros
+        # keep the workspace's zeros; the row pass normalizes
         ld = _ws_ld(n_used)
         out = _ws_block(ws_ptr, plan_ptr, b) + ks.to(tl.int64) * n_p * ld
-        tl.store(out + rows[:, None].to(tl.int64) * ld + cols[None, :], s, mask=rmask[:, None] & cmask[None, :])
+        tl.store(out + rows[:, None].to(tl.int64) * ld + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+        # the columns' statistics of this part, from the first row tile's items
+        if tm == 0:
+            cp = colpart_ptr + ((b * SPLITS + ks) * 3) * L
+            tl.store(cp + cols, sq, mask=cmask)
+            tl.store(cp + L + cols, dp, mask=cmask)
+            tl.store(cp + 2 * L + cols, dn, mask=cmask)
+            if tn == 0:
+                tl.store(apart_ptr + (b * SPLITS + ks) * 2, ap2)
+                tl.store(apart_ptr + (b * SPLITS + ks) * 2 + 1, an2)
 
 
 @triton.jit
-def _sum_parts(ptrs, load_mask, store_mask, part_stride, splits):
-    """S over a tile: the partial blocks added in a fixed order, written back into
-    block 0 (which becomes S) where `store_mask` holds, when there is more than one.
-    Loads take whole aligned runs of 4 columns (`load_mask`: 128-bit vectors)."""
+def _sum_parts(ptrs, load_mask, store_mask, part_stride, splits, scale):
+    """S over a tile: the partial blocks of dots added in a fixed order, times `scale`
+    (1 / (|f_m| |f_y| tau)), written into block 0 (which becomes S) where `store_mask`
+    holds. Loads take whole aligned runs of 4 columns (`load_mask`: 128-bit vectors)."""
     s = tl.load(ptrs, mask=load_mask, other=0.0)
-    if splits > 1:
-        for k in range(1, splits):
-            s += tl.load(ptrs + k * part_stride, mask=load_mask, other=0.0)
-        tl.store(ptrs, s, mask=store_mask)
+    for k in range(1, splits):
+        s += tl.load(ptrs + k * part_stride, mask=load_mask, other=0.0)
+    s = s * scale
+    tl.store(ptrs, s, mask=store_mask)
     return s
 
 
@@ -178,9 +223,10 @@ def _sum_parts(ptrs, load_mask, store_mask, part_stride, splits):
 def _ncl_rows_kernel(
     ws_ptr, plan_ptr, counts_ptr,
     sched_ptr,  # (B + 1,) int32: the images' prefix sums of row blocks
+    nrm_ptr,  # (B, L) fp32: |f_x| by position (_ncl_stats_fwd_kernel)
     lse_ptr, w_ptr,  # (B, L) fp32 out: lam_m, W_m by position (tampered rows of stored images)
     part_ptr,  # (B, n_blocks) fp32 out: sum over the block's rows of sum_j softplus(lam_m - s_mj)
-    B, L, n_blocks,
+    B, L, n_blocks, inv_tau, eps,
     BM: tl.constexpr, BC: tl.constexpr, LOG_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -198,6 +244,8 @@ def _ncl_rows_kernel(
         rows = blk * BM + tl.arange(0, BM)
         rmask = rows < n_p
         row_ptr = _ws_block(ws_ptr, plan_ptr, b) + rows.to(tl.int64) * ld
+        nrm_b = nrm_ptr + b * L
+        rn_m = inv_tau / tl.maximum(tl.load(nrm_b + rows, mask=rmask, other=1.0), eps)
         # 1. lam_m: online, max-shifted log-sum-exp over the authentic columns (from the
         #    aligned column at or below |P|); every step holds a column (rows past |P|
         #    read 0 there), so the running max of every row is finite and no lane forms
@@ -207,8 +255,9 @@ def _ncl_rows_kernel(
         for c0 in range(n_p // WS_ALIGN * WS_ALIGN, n_used, BC):
             cols = c0 + tl.arange(0, BC)
             cmask = (cols >= n_p) & (cols < n_used)
+            rn_y = 1.0 / tl.maximum(tl.load(nrm_b + cols, mask=cols < n_used, other=1.0), eps)
             s = _sum_parts(row_ptr[:, None] + cols[None, :], rmask[:, None] & (cols < ld)[None, :],
-                           rmask[:, None] & cmask[None, :], part_stride, splits)
+                           rmask[:, None] & cmask[None, :], part_stride, splits, rn_m[:, None] * rn_y[None, :])
             s = tl.where(cmask[None, :], s, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(s, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
@@ -220,8 +269,9 @@ def _ncl_rows_kernel(
         for c0 in range(0, n_p, BC):
             cols = c0 + tl.arange(0, BC)
             inb = rmask[:, None] & (cols < n_p)[None, :]
+            rn_y = 1.0 / tl.maximum(tl.load(nrm_b + cols, mask=cols < n_p, other=1.0), eps)
             s = _sum_parts(row_ptr[:, None] + cols[None, :], rmask[:, None] & (cols < ld)[None, :], inb,
-                           part_stride, splits)
+                           part_stride, splits, rn_m[:, None] * rn_y[None, :])
             ok = inb & (cols[None, :] != rows[:, None])
             z = lse[:, None] - tl.where(ok, s, 0.0)
             term, wsum = _pair_terms(z, ok, term, wsum)

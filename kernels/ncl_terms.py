@@ -61,8 +61,8 @@ from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOU
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
 from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, ROWS_BC, ROWS_BM, ROWS_PER_SM, SIM_BK_F32,
                          SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS, SIM_STAGES,
-                         SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_kernel, _ncl_rows_kernel,
-                         _ncl_sim_kernel, grad_tiles)
+                         SIM_STAGES_IEEE, SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_kernel,
+                         _ncl_rows_kernel, _ncl_sim_kernel, grad_tiles)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
@@ -221,6 +221,11 @@ def ncl_terms_fwd(
     part_b = torch.empty(B, n_blocks_b if bounded_any else 1, **f32)
     part_s = torch.empty(B, n_blocks_s, **f32)
     fs = (feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3))
+    fa = (anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1))
+    # the similarity GEMM's sums of the columns' statistics, per part of D (read by the
+    # statistics pass; every entry it reads is written first)
+    colpart = torch.empty(B * SIM_SPLITS * 3 * L if stored_any else 1, **f32)
+    apart = torch.empty(B * SIM_SPLITS * 2 if stored_any else 1, **f32)
     cl = _layout(feat)
     up = _upcast(feat)
     wide = needs_64bit_offsets(feat, anchor_pos, anchor_neg)
@@ -236,25 +241,28 @@ def ncl_terms_fwd(
             SIM_BM=sim_bm, SIM_BN=sim_bn, SIM_SPLITS=SIM_SPLITS, ROWS_BM=ROWS_BM, COEF_BM=COEF_BM, COEF_BN=COEF_BN,
             PAIR_BM=BLOCK_M, BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=NUM_WARPS,
         )
-        _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
-            feat, anchor_pos, anchor_neg, perm, counts, nrm, sa, lse, w, nrma,
-            *fs, anchor_pos.stride(0), anchor_pos.stride(1), anchor_neg.stride(0), anchor_neg.stride(1),
-            L, Q, C, patch, D, inv_tau, EPS,
-            BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, CHANNELS_LAST=cl, IDX64=wide, num_warps=NUM_WARPS,
-        )
         if stored_any:
-            # persistent programs over the work lists (items: see _ncl_plan_kernel)
+            # persistent programs over the work lists (items: see _ncl_plan_kernel); the
+            # similarity GEMM also sums the columns' statistics, which the statistics pass
+            # then adds up over the parts of D
             sim_upper = B * triton.cdiv(L, sim_bm) * triton.cdiv(L, sim_bn) * SIM_SPLITS
             _ncl_sim_kernel[(_persistent(dev, SIM_PER_SM, sim_upper),)](
-                feat, perm, counts, nrm, plan, sched[0], ws,
-                *fs, B, L, Q, C, patch, D, inv_tau, EPS,
-                BM=sim_bm, BN=sim_bn, BK=_sim_bk(up, cl, patch), CHANNELS_LAST=cl,
+                feat, anchor_pos, anchor_neg, perm, counts, plan, sched[0], ws, colpart, apart,
+                *fs, *fa, B, L, Q, C, patch, D,
+                BM=sim_bm, BN=sim_bn, BK=_sim_bk(up, cl, patch), SPLITS=SIM_SPLITS, CHANNELS_LAST=cl,
                 UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=sim_warps,
-                num_stages=SIM_STAGES,
+                num_stages=SIM_STAGES_IEEE if up and precision == "ieee" else SIM_STAGES,
             )
+        _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
+            feat, anchor_pos, anchor_neg, perm, counts, plan, colpart, apart, nrm, sa, lse, w, nrma,
+            *fs, *fa, L, Q, C, patch, D, inv_tau, EPS,
+            BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, SPLITS=SIM_SPLITS, SIM=stored_any, CHANNELS_LAST=cl, IDX64=wide,
+            num_warps=NUM_WARPS,
+        )
+        if stored_any:
             _ncl_rows_kernel[(_persistent(dev, ROWS_PER_SM, B * n_blocks_s),)](
-                ws, plan, counts, sched[1], lse, w, part_s, B, L, n_blocks_s, BM=ROWS_BM, BC=ROWS_BC, LOG_B=log_b,
-                num_stages=1,
+                ws, plan, counts, sched[1], nrm, lse, w, part_s, B, L, n_blocks_s, inv_tau, EPS, BM=ROWS_BM,
+                BC=ROWS_BC, LOG_B=log_b, num_stages=1,
             )
         if bounded_any:
             # plain fp32 FMA: 8-wide K chunks (16 spilled on sm_80); warps and stages by the dot
