@@ -9,7 +9,8 @@ cannot show), under each of its three tools:
 memcheck: out-of-bounds accesses (without the caching allocator every tensor is its
 own allocation, so an access past a tensor's end is outside any allocation);
 initcheck: reads of global memory never written (the kernels read no padding, no
-lam/W of an image without t1, and the workspace is zero-filled); racecheck:
+lam/W of an image without t1, and the forward writes every value of the workspace:
+the similarity GEMM's blocks and the statistics pass's zeros for the rest); racecheck:
 shared-memory races within a block. Every case runs both paths, every dtype and
 layout, odd sizes and images without t1 (|P| = 1). Prints one line per case; the
 sanitizer's report follows if anything is wrong. `bench/gpu_check.sh sanitize` runs

@@ -23,9 +23,10 @@ The roofline time of a launch is the largest of: tensor-core time, CUDA-core FMA
 SFU time, HBM time ((hbm_read + stored) / HBM_BW), L2 time ((loaded + stored) /
 L2_BW) and the time of its heaviest program on one SM's share of those rates (a launch
 cannot finish before its longest program). Launch overhead (`LAUNCH_S` per launch) is
-reported apart ("launches excluded" in the targets). The workspace's zero-fill
-(`torch.zeros`, one memset) is a launch of its own; the coefficient buffer G is not
-filled. A path that no image can take (from L and the slot) launches nothing.
+reported apart ("launches excluded" in the targets). Nothing is zero-filled: the
+similarity GEMM writes its blocks whole and the statistics pass zeros the rest of the
+workspace; the coefficient buffer G is written before it is read. A path that no image
+can take (from L and the slot) launches nothing.
 
 The floor, per direction: the fewest bytes (forward: each used patch's features read
 once; backward: read once, and the whole feature gradient written once) at HBM_BW,
@@ -384,16 +385,21 @@ def _k_plan(s: Shape) -> Launch:
 def _k_stats_fwd(s: Shape) -> Launch:
     from ncl_fast.kernels import ncl_anchors as k
 
-    bx, L, D = k.STATS_BX, s.L, s.D
+    bx, zb, L, D = k.STATS_BX, k.STATS_ZB, s.L, s.D
     sim = s.paths()[0]  # the similarity GEMM ran: its images' sums are added here
     out = Launch("_ncl_stats_fwd_kernel", "fwd")
-    for p, n, u, t1, st in s.images():
+    slot, nprog = s.slot_, cdiv(L, bx)
+    for b, (p, n, u, t1, st) in enumerate(s.images()):
         done = sim and t1 and st
         splits = s.splits(p, n) if done else 0
-        for pid in range(cdiv(L, bx)):
+        # the workspace's zeros: the slot past the image's blocks (the last image: at least one value)
+        lo, hi = (splits * p * ws_ld(p, n) if done else 0), (1 if b == s.B - 1 and slot == 0 else slot)
+        for pid in range(nprog):
             x0 = pid * bx
             lanes = _rows(x0, bx, L)
             g = Prog(loaded=8, stored=3 * 4 * lanes)  # counts; nrm, s(a+), s(a-) (zeros past the lists)
+            g.loaded += (8 if sim and t1 else 0) + (8 if done else 0)  # the plan's stored flag, splits
+            g.stored += sum(4 * min(zb, hi - z0) for z0 in range(lo + pid * zb, hi, nprog * zb))
             g.stored += 2 * 4 * sum(1 for x in range(x0, x0 + lanes) if not (t1 and x < p))  # lam, W zeros
             if pid == 0:
                 g.stored += 8  # the anchors' norms
@@ -401,10 +407,8 @@ def _k_stats_fwd(s: Shape) -> Launch:
                 out.add(g, working=False)
                 continue
             cnt = _rows(x0, bx, u)
-            if sim and t1:
-                g.loaded += 8  # the plan's stored flag
-            if done:  # the parts' sums: splits, then 3 values per patch and 2 per part
-                g.loaded += 8 + splits * (3 * 4 * cnt + 2 * 4)
+            if done:  # the parts' sums: 3 values per patch and 2 per part
+                g.loaded += splits * (3 * 4 * cnt + 2 * 4)
                 g.ffma += splits * (3 * bx + 2)
             else:
                 g.loaded += cnt * 4 + cnt * D * s.esize + 2 * D * s.esize  # perm, features, both anchors
@@ -443,9 +447,9 @@ def _k_sim(s: Shape) -> Launch | None:
         kw = k_hi - k_lo
         rv, cv = _rows(tm * bm, bm, p), _rows(tn * bn, bn, u)
         # the binary search, the image's start, counts, splits; perm; the features and both
-        # anchors' values; the offset
+        # anchors' values; the offset; the block's rows, padding columns included
         g = Prog(loaded=4 * s.log_b + 4 + 8 + 8 + 4 * (rv + cv) + (rv + cv + 2) * kw * s.esize + 8,
-                 stored=4 * rv * cv)
+                 stored=4 * rv * _rows(tn * bn, bn, ws_ld(p, n)))
         g.ffma += 3 * bn * cdiv(kw, bk) * bk + 2 * cdiv(kw, bk) * bk  # the columns' statistics
         if tm == 0:  # the columns' statistics of the part (and the anchors' norms: first column tile)
             g.stored += 3 * 4 * cv + (8 if tn == 0 else 0)
@@ -775,21 +779,12 @@ def _k_anchor_grad(s: Shape) -> Launch:
     return out
 
 
-def _k_ws_fill(s: Shape) -> Launch:
-    """torch.zeros of the workspace (B x slot fp32 values): one memset. The coefficient
-    buffer G (`torch.empty`) is not filled: every value read is written first."""
-    out = Launch("workspace zero-fill (memset)", "fwd", programs=1, working=1)
-    out.stored = 4 * max(s.B * s.slot_, 1)
-    return out
-
-
 #: The launches of one forward + backward, in order (`ncl_terms.ncl_terms_fwd`, `_bwd`), each
 #: with the kernel it models (module of `ncl_fast.kernels`, name; None: not a Triton kernel).
 #: A function returns None where the launcher does not launch its kernel (a path no image
 #: can take, from L and the slot). A kernel that a redesign removes drops out, and one it
 #: adds is modeled by adding its function here.
 KERNELS = (
-    (_k_ws_fill, None),
     (_k_plan, ("ncl_anchors", "_ncl_plan_kernel")),
     (_k_sim, ("ncl_stored", "_ncl_sim_kernel")),
     (_k_stats_fwd, ("ncl_anchors", "_ncl_stats_fwd_kernel")),

@@ -15,12 +15,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ncl_common import _anchor_coef, _d_offsets, _is_stored, _patch_offsets, _sigmoid, _softplus, _wide, _ws_ld
+from .ncl_common import (_anchor_coef, _d_offsets, _is_stored, _patch_offsets, _sigmoid, _softplus, _wide, _ws_ld,
+                         _ws_zero_tail)
 
 # Per-patch statistics: 8 patches x 512 values of D per step, so that ~4 programs
 # per SM keep enough loads in flight (one pass over the used patches).
 STATS_BX = 8
 STATS_BK = 512
+# The workspace's values no block holds are zeroed by the statistics pass, in runs of
+# 1024 fp32 values (8 per thread: two 128-bit stores) spread over its programs.
+STATS_ZB = 1024
 # Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program);
 # the sums added up in chunks of 256 values of D (B x D / 256 programs: each reads its
 # chunk of every row tile's sums).
@@ -35,6 +39,7 @@ def _ncl_stats_fwd_kernel(
     perm_ptr, counts_ptr,  # (B, L) int32, (B, 3) int32
     plan_ptr,  # (B, 3) int64: the workspace plan (_ncl_plan_kernel)
     colpart_ptr, apart_ptr,  # the similarity GEMM's statistics per part of D (SIM: see _ncl_sim_kernel)
+    ws_ptr, slot,  # the workspace (B x slot fp32 values, at least one): its values past the blocks are zeroed here
     nrm_ptr,  # (B, L) fp32 out: |f_x| by list position
     sa_ptr,  # (B, 2, L) fp32 out: s(a+, x), s(a-, x) by list position
     lse_ptr, w_ptr,  # (B, L) fp32 out: 0 at the positions the t1 kernels leave (not tampered rows of t1)
@@ -43,7 +48,7 @@ def _ncl_stats_fwd_kernel(
     stride_ab, stride_ad, stride_nb, stride_nd,
     L, Q, C, P_: tl.constexpr, D, inv_tau, eps,
     BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, SIM: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr, ZB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -60,6 +65,18 @@ def _ncl_stats_fwd_kernel(
     # lam, W wherever the t1 kernels do not write them): the op's outputs are defined
     # values, which torch.compile's checks compare, and nothing reads unwritten memory.
     t1_ok = (n_p >= 2) & (n_n >= 1)
+    # The similarity GEMM wrote the image's blocks (splits x |P| rows of ld); the rest of
+    # its slot is zeroed here, by all of the image's programs
+    sim_done = tl.zeros([], dtype=tl.int64)
+    if SIM:
+        if t1_ok:
+            sim_done = _is_stored(plan_ptr, b)
+    splits = tl.zeros([], dtype=tl.int32)
+    blocks_end = tl.zeros([], dtype=tl.int64)
+    if sim_done != 0:
+        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        blocks_end = splits.to(tl.int64) * n_p.to(tl.int64) * _ws_ld(n_used).to(tl.int64)
+    _ws_zero_tail(ws_ptr, b, blocks_end, slot, pid, tl.num_programs(0), b == tl.num_programs(1) - 1, ZB)
     not_t1_row = (pos >= n_p) | (n_p < 2) | (n_n < 1)
     tl.store(lse_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
     tl.store(w_ptr + b * L + pos, tl.zeros([BLOCK_X], dtype=tl.float32), mask=in_list & not_t1_row)
@@ -75,13 +92,8 @@ def _ncl_stats_fwd_kernel(
     dn = tl.zeros([BLOCK_X], dtype=tl.float32)
     ap2 = tl.zeros([], dtype=tl.float32)
     an2 = tl.zeros([], dtype=tl.float32)
-    sim_done = tl.zeros([], dtype=tl.int64)
-    if SIM:
-        if t1_ok:
-            sim_done = _is_stored(plan_ptr, b)
     if sim_done != 0:
         # the similarity GEMM summed these over its parts of D: add the parts in order
-        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
         for k in range(0, splits):
             cp = colpart_ptr + ((b * SPLITS + k) * 3) * L
             sq += tl.load(cp + pos, mask=pmask, other=0.0)

@@ -116,6 +116,20 @@ def _ws_block(ws_ptr, plan_ptr, b):
 
 
 @triton.jit
+def _ws_zero_tail(ws_ptr, b, lo, slot, part, parts, last, ZB: tl.constexpr):
+    """Zeros image b's slot of the workspace from `lo` (where its blocks end: the
+    similarity GEMM writes every value before it, padding columns included) to the
+    slot's end, program `part` of `parts` taking every parts-th run of ZB values; `last`
+    (the batch's last image) also zeros the workspace's one value where the slot is
+    empty. Keeps the workspace, an output of the op, defined without a memset of it all."""
+    base = b * slot  # slot, lo: multiples of WS_ALIGN
+    hi = tl.where(last & (slot == 0), 1, slot)
+    for z0 in range(lo + part * ZB, hi, parts * ZB):
+        z = z0 + tl.arange(0, ZB)
+        tl.store(ws_ptr + base + z, tl.zeros([ZB], dtype=tl.float32), mask=z < hi)
+
+
+@triton.jit
 def _is_stored(plan_ptr, b):
     """1 when the image's block S is stored (the stored path runs it), else 0 (bounded)."""
     return tl.load(plan_ptr + b * PLAN_COLS + 1)

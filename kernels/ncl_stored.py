@@ -191,10 +191,11 @@ def _ncl_sim_kernel(
             ap2 += tl.sum(ap * ap, axis=0)
             an2 += tl.sum(an * an, axis=0)
         # rows of ld values, partial block ks at ks |P| ld; the padding columns [|P| + |N|, ld)
-        # keep the workspace's zeros; the row pass normalizes
+        # get the zeros their masked loads gave (the workspace is not zero-filled: these
+        # blocks are all of it that the statistics pass does not zero); the row pass normalizes
         ld = _ws_ld(n_used)
         out = _ws_block(ws_ptr, plan_ptr, b) + ks.to(tl.int64) * n_p * ld
-        tl.store(out + rows[:, None].to(tl.int64) * ld + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+        tl.store(out + rows[:, None].to(tl.int64) * ld + cols[None, :], acc, mask=rmask[:, None] & (cols < ld)[None, :])
         # the columns' statistics of this part, from the first row tile's items
         if tm == 0:
             cp = colpart_ptr + ((b * SPLITS + ks) * 3) * L

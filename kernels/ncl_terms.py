@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .ncl_anchors import (ANCHOR_GRAD_BLOCK, ANCHOR_SPLITS, STATS_BK, STATS_BX, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
+from .ncl_anchors import (ANCHOR_GRAD_BLOCK, ANCHOR_SPLITS, STATS_BK, STATS_BX, STATS_ZB, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
                           _ncl_anchor_grad_kernel, _ncl_plan_kernel, _ncl_stats_fwd_kernel)
 from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_K_F32_IEEE, BLOCK_M,
                           BLOCK_N, BWD_STAGES_F32, BWD_STAGES_HALF, BWD_STAGES_IEEE, FWD_STAGES_F32, FWD_STAGES_HALF,
@@ -139,9 +139,10 @@ class NCLSaved(NamedTuple):
             wa=torch.empty(B, 2, **f32),
             plan=torch.empty(B, PLAN_COLS.value, dtype=torch.int64, device=device),
             sched=torch.empty(SCHED_KINDS, B + 1, dtype=torch.int32, device=device),
-            # zeros: the blocks fill only part of each slot, and an output of the op must
-            # hold defined values (one memset, B x slot x 4 bytes: 16.8 MB at stage 1)
-            ws=torch.zeros(torch.sym_max(B * slot, 1), **f32),
+            # every value is written by the forward's kernels (an output of the op holds
+            # defined values): the similarity GEMM's blocks, padding included, and the
+            # statistics pass's zeros for the rest, with no memset of it all (16.8 MB at stage 1)
+            ws=torch.empty(torch.sym_max(B * slot, 1), **f32),
         )
 
 
@@ -210,8 +211,8 @@ def ncl_terms_fwd(
     dev = feat.device
     f32 = dict(dtype=torch.float32, device=dev)
     precision = fp32_precision()
-    # Each kernel writes every entry of its outputs (see _ncl_stats_fwd_kernel); only the
-    # workspace is zero-filled.
+    # Each kernel writes every entry of its outputs (see _ncl_stats_fwd_kernel), the
+    # workspace included: nothing is zero-filled.
     slot = workspace_slot(L) if slot is None else slot
     saved = NCLSaved.empty(B, L, slot, dev)
     terms = torch.empty(B, 3, **f32)
@@ -254,10 +255,10 @@ def ncl_terms_fwd(
                 num_stages=SIM_STAGES_IEEE if up and precision == "ieee" else SIM_STAGES,
             )
         _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
-            feat, anchor_pos, anchor_neg, perm, counts, plan, colpart, apart, nrm, sa, lse, w, nrma,
+            feat, anchor_pos, anchor_neg, perm, counts, plan, colpart, apart, ws, slot, nrm, sa, lse, w, nrma,
             *fs, *fa, L, Q, C, patch, D, inv_tau, EPS,
             BLOCK_X=STATS_BX, BLOCK_K=STATS_BK, SPLITS=SIM_SPLITS, SIM=stored_any, CHANNELS_LAST=cl, IDX64=wide,
-            num_warps=NUM_WARPS,
+            ZB=STATS_ZB, num_warps=NUM_WARPS,
         )
         if stored_any:
             _ncl_rows_kernel[(_persistent(dev, ROWS_PER_SM, B * n_blocks_s),)](

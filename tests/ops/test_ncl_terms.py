@@ -426,6 +426,58 @@ def test_wide_integer_labels_are_not_wrapped(gen):
     assert _triton_ops._as_label_codes(labels).tolist() == [[0, 1, 2, 3, 3, 3, 3]]
 
 
+@pytest.mark.parametrize("budget", ["stored", "cap", "bounded"])
+def test_workspace_is_written_everywhere(budget, gen, monkeypatch):
+    # The workspace is an output of the op and no memset fills it: the similarity GEMM
+    # writes its blocks whole (their padding columns as 0) and the statistics pass zeros
+    # the rest of every slot (with no slot, the workspace's one value). Allocated as
+    # NaN, it keeps none, and past each image's blocks every value is 0. A mixed batch:
+    # stored images with t1 (split into parts of D where the budget allows), one whose
+    # t1 is undefined (no authentic patch), and under the cap one that is not stored.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    mib = {"stored": BUDGETS["stored"], "cap": 200 * 4 / 2**20, "bounded": 0.0}[budget]
+    monkeypatch.setattr(k, "SIM_BUDGET", mib)
+    feat, _, a_pos, a_neg = make_case((4, 16, 12, 12, 2), "blobs", gen)  # L = 36, D = 64
+    sizes = [(4, 30), (12, 20), (5, 0), (3, 26)]  # |P| + |N| = 34, 32, 5, 29: ld 36, 32, 8, 32
+    labels = torch.stack([
+        torch.tensor([1] * np_ + [0] * nn + [2] * (36 - np_ - nn), dtype=torch.uint8)[torch.randperm(36, generator=gen)]
+        for np_, nn in sizes
+    ])
+    counts, perm = kl.patch_lists_fwd(labels)
+    real_empty = torch.empty
+    def poisoned(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    terms, saved = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (6, 6), 0.1)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    ws, plan, slot = saved.ws, saved.plan.tolist(), k.workspace_slot(36)
+    assert slot == {"stored": 36 * 36, "cap": 200, "bounded": 0}[budget]
+    assert ws.numel() == max(4 * slot, 1) and torch.isfinite(ws).all()
+    if slot == 0:
+        assert ws.tolist() == [0.0]
+    parts = []
+    for b, ((np_, nn), (off, stored, splits)) in enumerate(zip(sizes, plan)):
+        ld = -(-(np_ + nn) // 4) * 4
+        work = slot > 0 and stored == 1 and np_ >= 2 and nn >= 1
+        end = splits * np_ * ld if work else 0
+        assert end <= slot and (ws[b * slot + end: (b + 1) * slot] == 0).all(), f"image {b}: the slot's tail"
+        if work:
+            assert off == b * slot
+            blocks = ws[off: off + end].view(splits, np_, ld)
+            assert (blocks[:, :, np_ + nn:] == 0).all(), f"image {b}: the blocks' padding columns"
+            assert (blocks[:, :, : np_ + nn] != 0).any()
+            parts.append(splits)
+    assert len(parts) == {"stored": 3, "cap": 2, "bounded": 0}[budget]
+    if budget == "stored":
+        assert max(parts) > 1  # a block in several parts of D
+    check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
+
+
 def test_every_covered_cell_is_written(impl, gen, monkeypatch):
     # L = 100 patches, only 13 of them tampered or authentic: whole tiles of contour
     # patches (beyond the 64 of one backward tile) must be written with zeros too. Every
