@@ -161,16 +161,30 @@ def _sim_tile(
     (or their share over the values [k_lo, k_hi) of D: one part of a split K loop)."""
     acc = tl.zeros([BX, BY], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        k = k0 + tl.arange(0, BK)
-        kmask = k < D
-        d_off, _ = _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST)
-        a = tl.load(feat_b + poff_x[:, None] + d_off[None, :], mask=xmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:  # fp32 inputs: fp32 operands at PRECISION
-            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision=PRECISION)
-        else:  # bf16/fp16 products are exact in the fp32 accumulator
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc, _, _, _ = _dot_step(feat_b, poff_x, xmask, poff_y, ymask, k0, acc, C, P_, D, stride_c, stride_y,
+                                 stride_x, BK, CHANNELS_LAST, UPCAST, PRECISION)
     return acc * (rn_x * inv_tau)[:, None] * rn_y[None, :]
+
+
+@triton.jit
+def _dot_step(
+    feat_b, poff_x, xmask, poff_y, ymask, k0, acc,
+    C, P_, D, stride_c, stride_y, stride_x,
+    BK: tl.constexpr, CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One K chunk [k0, k0 + BK) of a similarity GEMM: acc + <f_x, f_y> over the chunk.
+    Returns the new acc, the f_y tile as loaded, the chunk's canonical indices of D and
+    its mask (for what a caller forms from the same tile)."""
+    k = k0 + tl.arange(0, BK)
+    kmask = k < D
+    d_off, canon = _d_offsets(k, C, P_, stride_c, stride_y, stride_x, CHANNELS_LAST)
+    a = tl.load(feat_b + poff_x[:, None] + d_off[None, :], mask=xmask[:, None] & kmask[None, :], other=0.0)
+    b = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kmask[None, :], other=0.0)
+    if UPCAST:  # fp32 inputs: fp32 operands at PRECISION
+        acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision=PRECISION)
+    else:  # bf16/fp16 products are exact in the fp32 accumulator
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc, b, canon, kmask
 
 
 @triton.jit

@@ -43,8 +43,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ncl_common import (_anchor_parts, _d_offsets, _find_image, _grad_out, _is_stored, _pair_terms, _patch_offsets, _row_setup,
-                         _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
+from .ncl_common import (_anchor_parts, _d_offsets, _dot_step, _find_image, _grad_out, _is_stored, _pair_terms,
+                         _patch_offsets, _row_setup, _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
 
 # Similarity GEMM, half features: 128 tampered rows (two wgmma M tiles) x 64 columns per
 # item on 8 warps; fp32 (tf32x3 or FFMA, bound by its multiply-adds, and spilling at the
@@ -173,15 +173,8 @@ def _ncl_sim_kernel(
         ap2 = tl.zeros([], dtype=tl.float32)
         an2 = tl.zeros([], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
-            k = k0 + tl.arange(0, BK)
-            kmask = k < D
-            d_off, canon = _d_offsets(k, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
-            fm = tl.load(feat_b + poff_m[:, None] + d_off[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            fy = tl.load(feat_b + poff_n[:, None] + d_off[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if UPCAST:  # fp32 inputs: fp32 operands at PRECISION
-                acc = tl.dot(fm.to(tl.float32), tl.trans(fy.to(tl.float32)), acc, input_precision=PRECISION)
-            else:  # bf16/fp16 products are exact in the fp32 accumulator
-                acc = tl.dot(fm, tl.trans(fy), acc)
+            acc, fy, canon, kmask = _dot_step(feat_b, poff_m, rmask, poff_n, cmask, k0, acc, C, P_, D, stride_fc,
+                                              stride_fy, stride_fx, BK, CHANNELS_LAST, UPCAST, PRECISION)
             ap = tl.load(apos_ptr + b * stride_ab + canon * stride_ad, mask=kmask, other=0.0).to(tl.float32)
             an = tl.load(aneg_ptr + b * stride_nb + canon * stride_nd, mask=kmask, other=0.0).to(tl.float32)
             fyf = fy.to(tl.float32)

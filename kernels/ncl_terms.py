@@ -52,8 +52,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .ncl_anchors import (ANCHOR_GRAD_BLOCK, ANCHOR_SPLITS, STATS_BK, STATS_BX, STATS_ZB, _ncl_anchor_bwd_kernel, _ncl_anchor_fwd_kernel,
-                          _ncl_anchor_grad_kernel, _ncl_plan_kernel, _ncl_stats_fwd_kernel)
+from .ncl_anchors import (ANCHOR_GRAD_BLOCK, ANCHOR_SPLITS, STATS_BK, STATS_BX, STATS_ZB, _ncl_anchor_bwd_kernel,
+                          _ncl_anchor_fwd_kernel, _ncl_anchor_grad_kernel, _ncl_plan_kernel, _ncl_stats_fwd_kernel)
 from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOUNDED, BLOCK_K_F32_IEEE, BLOCK_M,
                           BLOCK_N, BWD_STAGES_F32, BWD_STAGES_HALF, BWD_STAGES_IEEE, FWD_STAGES_F32, FWD_STAGES_HALF,
                           FWD_STAGES_IEEE, FWD_WARPS_HALF, FWD_WARPS_IEEE, NUM_WARPS_BWD, _ncl_pair_bwd_kernel,
