@@ -122,11 +122,16 @@ def _ws_zero_tail(ws_ptr, b, lo, slot, part, parts, last, ZB: tl.constexpr):
     slot's end, program `part` of `parts` taking every parts-th run of ZB values; `last`
     (the batch's last image) also zeros the workspace's one value where the slot is
     empty. Keeps the workspace, an output of the op, defined without a memset of it all."""
-    base = b * slot  # slot, lo: multiples of WS_ALIGN
-    hi = tl.where(last & (slot == 0), 1, slot)
-    for z0 in range(lo + part * ZB, hi, parts * ZB):
-        z = z0 + tl.arange(0, ZB)
-        tl.store(ws_ptr + base + z, tl.zeros([ZB], dtype=tl.float32), mask=z < hi)
+    # offsets within the slot in the slot's own integer type; slot and lo are multiples of
+    # WS_ALIGN, which the hints tell the alignment analysis (128-bit stores where the slot
+    # is specialized as a multiple of 16, as at every L that is a multiple of 4)
+    ws_b = ws_ptr + b * slot
+    lo = tl.multiple_of(lo.to(slot.dtype), WS_ALIGN)
+    for z0 in range(lo + part * ZB, slot, parts * ZB):
+        z = tl.multiple_of(z0, WS_ALIGN) + tl.arange(0, ZB)
+        tl.store(ws_b + z, tl.zeros([ZB], dtype=tl.float32), mask=z < slot)
+    if last & (slot == 0) & (part == 0):
+        tl.store(ws_ptr, 0.0)
 
 
 @triton.jit

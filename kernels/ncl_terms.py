@@ -214,6 +214,10 @@ def ncl_terms_fwd(
     # Each kernel writes every entry of its outputs (see _ncl_stats_fwd_kernel), the
     # workspace included: nothing is zero-filled.
     slot = workspace_slot(L) if slot is None else slot
+    if slot < 0 or slot % WS_ALIGN.value:
+        # every block and row of the workspace starts 16 bytes in (its 128-bit accesses)
+        raise ValueError(f"ncl_terms (Triton): the workspace slot must be a multiple of {WS_ALIGN.value} fp32 "
+                         f"values, >= 0; got {slot} (use workspace_slot(L))")
     saved = NCLSaved.empty(B, L, slot, dev)
     terms = torch.empty(B, 3, **f32)
     stored_any, bounded_any = _paths(L, slot)

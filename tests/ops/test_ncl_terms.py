@@ -329,6 +329,22 @@ def test_workspace_blocks_are_16_byte_aligned(gen, monkeypatch):
             assert slot == min(L * (-(-L // 4) * 4), int(budget * 2**20 / 4) // 4 * 4)
 
 
+def test_a_slot_off_the_16_byte_grid_is_refused(gen):
+    # The kernels' 128-bit accesses of the workspace assume every slot is a multiple of 4
+    # fp32 values: any other slot is refused before a launch, naming what to use.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    feat, labels, a_pos, a_neg = make_case((2, 3, 8, 8, 2), "blobs", gen)
+    counts, perm = kl.patch_lists_fwd(labels)
+    for slot in (6, -4):
+        with pytest.raises(ValueError, match=f"multiple of 4 fp32 values, >= 0; got {slot}"):
+            k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (4, 4), 0.1, slot=slot)
+    terms, _ = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (4, 4), 0.1, slot=8)
+    check(terms, oracles.ncl_terms(feat, labels, a_pos, a_neg, 2), *SAME_VALUES[torch.float32])
+
+
 def test_backward_reads_no_value_from_the_row_padding(gen, monkeypatch):
     # The backward loads S in whole aligned runs of 4 columns, the rows' padding
     # included, and must select its values with the exact mask: padding set to NaN
