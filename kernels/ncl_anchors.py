@@ -15,8 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ncl_common import (_anchor_coef, _d_offsets, _is_stored, _patch_offsets, _sigmoid, _softplus, _wide, _ws_ld,
-                         _ws_zero_tail)
+from .ncl_common import (_anchor_coef, _d_offsets, _is_stored, _patch_offsets, _sigmoid, _sim_splits, _softplus, _wide,
+                         _ws_ld, _ws_zero_tail)
 
 # Per-patch statistics: 8 patches x 512 values of D per step, so that ~4 programs
 # per SM keep enough loads in flight (one pass over the used patches).
@@ -74,7 +74,7 @@ def _ncl_stats_fwd_kernel(
     splits = tl.zeros([], dtype=tl.int32)
     blocks_end = tl.zeros([], dtype=tl.int64)
     if sim_done != 0:
-        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        splits = _sim_splits(plan_ptr, b)
         blocks_end = splits.to(tl.int64) * n_p.to(tl.int64) * _ws_ld(n_used).to(tl.int64)
     _ws_zero_tail(ws_ptr, b, blocks_end, slot, pid, tl.num_programs(0), b == tl.num_programs(1) - 1, ZB)
     not_t1_row = (pos >= n_p) | (n_p < 2) | (n_n < 1)

@@ -141,6 +141,12 @@ def _is_stored(plan_ptr, b):
 
 
 @triton.jit
+def _sim_splits(plan_ptr, b):
+    """The parts of D the image's similarity GEMM is split into (the plan's choice)."""
+    return tl.load(plan_ptr + b * PLAN_COLS + 2).to(tl.int32)
+
+
+@triton.jit
 def _find_image(starts_ptr, t, B, LOG_B: tl.constexpr):
     """The image whose work items hold item t of a persistent launch: the largest b with
     starts[b] <= t (starts: B + 1 ascending prefix sums of the images' item counts, t <

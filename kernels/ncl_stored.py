@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .ncl_common import (_anchor_parts, _d_offsets, _dot_step, _find_image, _grad_out, _is_stored, _pair_terms,
-                         _patch_offsets, _row_setup, _store_row_stats, _store_rows, _wide, _ws_block, _ws_ld, WS_ALIGN)
+                         _patch_offsets, _row_setup, _sim_splits, _store_row_stats, _store_rows, _wide, _ws_block,
+                         _ws_ld, WS_ALIGN)
 
 # Similarity GEMM, half features: 128 tampered rows (two wgmma M tiles) x 64 columns per
 # item on 8 warps; fp32 (tf32x3 or FFMA, bound by its multiply-adds, and spilling at the
@@ -146,7 +147,7 @@ def _ncl_sim_kernel(
         b = bi.to(tl.int64)
         n_p = tl.load(counts_ptr + b * 3)
         n_used = n_p + tl.load(counts_ptr + b * 3 + 1)
-        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        splits = _sim_splits(plan_ptr, b)
         n_tn = tl.cdiv(n_used, BN)
         n_tiles = tl.cdiv(n_p, BM) * n_tn
         ks = local // n_tiles  # the part of D, slowest: concurrent items share its row tiles
@@ -232,7 +233,7 @@ def _ncl_rows_kernel(
         b = bi.to(tl.int64)
         n_p = tl.load(counts_ptr + b * 3)
         n_used = n_p + tl.load(counts_ptr + b * 3 + 1)
-        splits = tl.load(plan_ptr + b * 3 + 2).to(tl.int32)
+        splits = _sim_splits(plan_ptr, b)
         ld = _ws_ld(n_used)
         part_stride = n_p.to(tl.int64) * ld
         rows = blk * BM + tl.arange(0, BM)
