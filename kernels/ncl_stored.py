@@ -28,8 +28,10 @@ Backward:
   row, over a column tile) and sum_m G_mx s_mx (per column, over a row tile). With
   half coefficients (bf16 features) it writes G already scaled and rounded, twice:
   Gc_my = G_my / |f_y| and Gr_my = G_my / |f_m| in the features' half type;
-* `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D): the two
-  plain GEMMs of the floor, G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
+* `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D) (with the
+  candidate GRAD_PANEL, per GRAD_GROUP row tiles, sharing one load of the tampered
+  partners' features on the chunk): the two plain GEMMs of the floor,
+  G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
   loops only load and multiply (Gc's rows and Gr's columns with the features; fp32
   G is scaled by 1/|f| in the loop); then the anchors' share and the normalization's
   backward. Programs are ordered row tile first, so that the tiles of tampered rows
@@ -105,20 +107,36 @@ GRAD_BY_F32 = 8
 GRAD_WARPS_F32 = 4
 GRAD_STAGES_F32 = 1
 GRAD_BY_F16 = 16
+# A candidate for half coefficients, off by default (GRAD_PANEL = 0): each program takes
+# GRAD_GROUP row tiles (r, r + n_grp, ...) of one chunk of D and holds the tampered
+# partners' features on that chunk (up to GRAD_PANEL of them: the column GEMM's whole K,
+# 32 KiB of shared memory, loaded once for the group) instead of every row tile re-reading
+# them: at [93, 877, 54] 3.0 MB of reads per image instead of 12.2. Its cost is registers:
+# the unrolled group spills 176-400 B within 128 registers, and takes 174-239 without a
+# cap (one block per SM, not two). Which wins is for a GPU run to say
+# (`bench/bench_ncl_loss.py`'s variant `triton:GRAD_PANEL=128`).
+GRAD_GROUP = 4
+GRAD_PANEL = 0
 
 
-def grad_tiles(up: bool, half_coef: bool, gather: bool) -> dict:
+def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0) -> dict:
     """The grad kernel's tile sizes and launch options: `up` for fp32 operands (fp32
     features), `half_coef` for coefficients in the features' half type (bf16), `gather`
-    where a patch's values are a channel apart (p = 1, NCHW)."""
+    where a patch's values are a channel apart (p = 1, NCHW); `panel` > 0 (half
+    coefficients only): GRAD_GROUP row tiles a program and a panel of up to `panel`
+    tampered partners (see GRAD_PANEL)."""
     if half_coef:
-        return dict(BX=GRAD_BX, BY=GRAD_BY, BD=GRAD_BD_GATHER if gather else GRAD_BD, num_warps=GRAD_WARPS,
-                    num_stages=GRAD_STAGES, maxnreg=GRAD_MAXNREG)
+        bd = GRAD_BD_GATHER if gather else GRAD_BD
+        if panel:
+            return dict(BX=GRAD_BX, BY=GRAD_BY, BD=bd, GROUP=GRAD_GROUP, PANEL=panel, num_warps=GRAD_WARPS,
+                        num_stages=GRAD_STAGES, maxnreg=None)
+        return dict(BX=GRAD_BX, BY=GRAD_BY, BD=bd, GROUP=1, PANEL=0, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+                    maxnreg=GRAD_MAXNREG)
     if up:
-        return dict(BX=GRAD_BX_F32, BY=GRAD_BY_F32, BD=GRAD_BD_F32, num_warps=GRAD_WARPS_F32,
+        return dict(BX=GRAD_BX_F32, BY=GRAD_BY_F32, BD=GRAD_BD_F32, GROUP=1, PANEL=0, num_warps=GRAD_WARPS_F32,
                     num_stages=GRAD_STAGES_F32, maxnreg=None)
-    return dict(BX=GRAD_BX_F32, BY=GRAD_BY_F16, BD=GRAD_BD_F32, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
-                maxnreg=GRAD_MAXNREG)
+    return dict(BX=GRAD_BX_F32, BY=GRAD_BY_F16, BD=GRAD_BD_F32, GROUP=1, PANEL=0, num_warps=GRAD_WARPS,
+                num_stages=GRAD_STAGES, maxnreg=GRAD_MAXNREG)
 
 
 @triton.jit
@@ -368,17 +386,18 @@ def _ncl_grad_kernel(
     stride_fb, stride_fc, stride_fy, stride_fx,
     stride_gb, stride_gc, stride_gy, stride_gx,
     stride_ab, stride_ad, stride_nb, stride_nd,
-    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
-    BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, CM: tl.constexpr, CN: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr, IDX64: tl.constexpr,
-    CHECK_STORED: tl.constexpr,
+    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
+    BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, PANEL: tl.constexpr, CM: tl.constexpr,
+    CN: tl.constexpr, CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr,
+    IDX64: tl.constexpr, CHECK_STORED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # program order: row tile (slowest), image, chunk of D (fastest)
+    # program order: row group (slowest), image, chunk of D (fastest); group r takes the
+    # row tiles r, r + n_grp, ... (the tampered tiles, first, land in different programs)
     td = pid % n_td
     rest = pid // n_td
     b = (rest % B).to(tl.int64)
-    tx = rest // B
+    grp = rest // B
     # int64 offsets where an image can span past 2^31 elements
     stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
     stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
@@ -389,97 +408,121 @@ def _ncl_grad_kernel(
     n_p = tl.load(counts_ptr + b * 3)
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_used = n_p + n_n
-    x0 = tx * BX
-    rows = x0 + tl.arange(0, BX)
-    in_grid = rows < L
+    t1 = (n_p >= 2) & (n_n >= 1)
     kd = td * BD + tl.arange(0, BD)
     kdmask = kd < D
     perm_b = perm_ptr + b * L
-    if x0 >= n_used:  # contour patches only: their gradient is zero
-        _store_rows(grad_ptr + b * stride_gb, tl.zeros([BX, BD], dtype=tl.float32), perm_b, rows, in_grid, kd, kdmask,
-                    C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
-        return
-    xmask = rows < n_used
-    x_is_p = rows < n_p
     d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
     feat_b = feat_ptr + b * stride_fb
-    # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows);
-    # what only the end needs is loaded there, so that it holds no registers in the loops
-    pair = tl.zeros([BX, BD], dtype=tl.float32)
-    pdot = tl.zeros([BX], dtype=tl.float32)
-    if (n_p >= 2) & (n_n >= 1):
-        # G loads as whole aligned runs of columns (its padding columns are 0: 128-bit
-        # loads); the diagonal is 0 in G itself
-        if HALF_COEF:  # Gc and Gr: G already scaled by the partners' 1/|f|, in the features' half type
-            gc_b, gr_b = _g_blocks(g_ptr, b, g_cap)
-            ld = _g_ld(n_used)
-        else:  # fp32 G, scaled here
-            gc_b = _ws_block(g_ptr, plan_ptr, b)
-            gr_b = gc_b
-            ld = _ws_ld(n_used)
-        # 1. x in P: sum_y G_xy hat f_y over y in P u N (row x of G)
-        if x0 < n_p:
-            for y0 in range(0, n_used, BY):
-                cols = y0 + tl.arange(0, BY)
-                ymask = cols < n_used
-                g = tl.load(gc_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
-                            mask=x_is_p[:, None] & (cols < ld)[None, :], other=0.0)
-                poff_y = _patch_offsets(perm_b, cols, ymask, Q, P_, stride_fy, stride_fx)
-                fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :], mask=ymask[:, None] & kdmask[None, :],
-                             other=0.0)
-                if HALF_COEF:  # both operands in the features' half type (bf16: the fp32 range)
-                    pair = tl.dot(g, fy, pair)
-                else:
-                    rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=ymask, other=1.0), eps)
-                    pair = tl.dot(g * rn_y[None, :], fy.to(tl.float32), pair, input_precision=PRECISION)
-        # 2. every x: sum_m G_mx hat f_m over m in P (column x of G)
-        for m0 in range(0, n_p, BY):
-            ms = m0 + tl.arange(0, BY)
-            mmask = ms < n_p
-            gt = tl.load(gr_b + ms[:, None].to(tl.int64) * ld + rows[None, :],
-                         mask=mmask[:, None] & (rows < ld)[None, :], other=0.0)  # [BY, BX]
-            poff_m = _patch_offsets(perm_b, ms, mmask, Q, P_, stride_fy, stride_fx)
-            fm = tl.load(feat_b + poff_m[:, None] + d_off[None, :], mask=mmask[:, None] & kdmask[None, :], other=0.0)
+    # the panel (PANEL > 0): every tampered partner's features on this chunk, loaded once for
+    # all the group's row tiles (their column GEMM's whole K), where |P| <= PANEL; else
+    # the column GEMM streams them per tile
+    if PANEL > 0:
+        ms_pan = tl.arange(0, PANEL)
+        on_pan = t1 & (n_p <= PANEL)
+        pmask = (ms_pan < n_p) & on_pan
+        fpan = tl.load(feat_b + _patch_offsets(perm_b, ms_pan, pmask, Q, P_, stride_fy, stride_fx)[:, None]
+                       + d_off[None, :], mask=pmask[:, None] & kdmask[None, :], other=0.0)
+        n_stream = tl.where(on_pan, 0, n_p)
+    else:
+        n_stream = n_p
+    # the group's row tiles, unrolled (GROUP = 1: one tile, no loop); a tile past the map
+    # (tx >= n_tx, in the last groups) takes the contour branch with every store masked off
+    for gi in tl.static_range(GROUP):
+        tx = grp + gi * n_grp
+        x0 = tx * BX
+        rows = x0 + tl.arange(0, BX)
+        in_grid = rows < L
+        if x0 >= n_used:  # contour patches only: their gradient is zero
+            _store_rows(grad_ptr + b * stride_gb, tl.zeros([BX, BD], dtype=tl.float32), perm_b, rows, in_grid, kd,
+                        kdmask, C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
+        else:
+            xmask = rows < n_used
+            x_is_p = rows < n_p
+            # the pairs' share, without the factor k1 (coefficients of order 1: nothing underflows);
+            # what only the end needs is loaded there, so that it holds no registers in the loops
+            pair = tl.zeros([BX, BD], dtype=tl.float32)
+            pdot = tl.zeros([BX], dtype=tl.float32)
+            if t1:
+                # G loads as whole aligned runs of columns (its padding columns are 0: 128-bit
+                # loads); the diagonal is 0 in G itself
+                if HALF_COEF:  # Gc and Gr: G already scaled by the partners' 1/|f|, in the features' half type
+                    gc_b, gr_b = _g_blocks(g_ptr, b, g_cap)
+                    ld = _g_ld(n_used)
+                else:  # fp32 G, scaled here
+                    gc_b = _ws_block(g_ptr, plan_ptr, b)
+                    gr_b = gc_b
+                    ld = _ws_ld(n_used)
+                # 1. x in P: sum_y G_xy hat f_y over y in P u N (row x of G)
+                if x0 < n_p:
+                    for y0 in range(0, n_used, BY):
+                        cols = y0 + tl.arange(0, BY)
+                        ymask = cols < n_used
+                        g = tl.load(gc_b + rows[:, None].to(tl.int64) * ld + cols[None, :],
+                                    mask=x_is_p[:, None] & (cols < ld)[None, :], other=0.0)
+                        poff_y = _patch_offsets(perm_b, cols, ymask, Q, P_, stride_fy, stride_fx)
+                        fy = tl.load(feat_b + poff_y[:, None] + d_off[None, :],
+                                     mask=ymask[:, None] & kdmask[None, :], other=0.0)
+                        if HALF_COEF:  # both operands in the features' half type (bf16: the fp32 range)
+                            pair = tl.dot(g, fy, pair)
+                        else:
+                            rn_y = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + cols, mask=ymask, other=1.0), eps)
+                            pair = tl.dot(g * rn_y[None, :], fy.to(tl.float32), pair, input_precision=PRECISION)
+                # 2. every x: sum_m G_mx hat f_m over m in P (column x of G): from the panel, or streamed
+                if PANEL > 0:
+                    if on_pan:
+                        gt = tl.load(gr_b + ms_pan[:, None].to(tl.int64) * ld + rows[None, :],
+                                     mask=pmask[:, None] & (rows < ld)[None, :], other=0.0)  # [PANEL, BX]
+                        pair = tl.dot(tl.trans(gt), fpan, pair)
+                for m0 in range(0, n_stream, BY):
+                    ms = m0 + tl.arange(0, BY)
+                    mmask = ms < n_p
+                    gt = tl.load(gr_b + ms[:, None].to(tl.int64) * ld + rows[None, :],
+                                 mask=mmask[:, None] & (rows < ld)[None, :], other=0.0)  # [BY, BX]
+                    poff_m = _patch_offsets(perm_b, ms, mmask, Q, P_, stride_fy, stride_fx)
+                    fm = tl.load(feat_b + poff_m[:, None] + d_off[None, :], mask=mmask[:, None] & kdmask[None, :],
+                                 other=0.0)
+                    if HALF_COEF:
+                        pair = tl.dot(tl.trans(gt), fm, pair)
+                    else:
+                        rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ms, mask=mmask, other=1.0), eps)
+                        pair = tl.dot(tl.trans(gt * rn_m[:, None]), fm.to(tl.float32), pair,
+                                      input_precision=PRECISION)
+                # <hat f_x, sum_y T_xy hat f_y> tau = sum_y T_xy s_xy: the coefficient pass's
+                # partial sums, added in a fixed order
+                for j in range(0, tl.cdiv(n_used, CN)):
+                    pdot += tl.load(rdot_ptr + (b * n_cn + j) * L + rows, mask=x_is_p, other=0.0)
+                for i in range(0, tl.cdiv(n_p, CM)):
+                    pdot += tl.load(cdot_ptr + (b * n_cm + i) * L + rows, mask=xmask, other=0.0)
+                n_pf = n_p.to(tl.float32)
+                k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
+                pair = k1 * pair
+                pdot = k1 * pdot
+            nrm_x, _, _, _, c_pos, c_neg, dot_x = _row_setup(
+                b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+            )
+            dot_x += pdot
+            # the anchors' share, then through the normalization into the map's own layout;
+            # contour rows of a mixed tile get 0
+            fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None]
+                         + d_off[None, :], mask=xmask[:, None] & kdmask[None, :], other=0.0)
+            # the anchors' gradients take their sums over x from the features loaded here (no
+            # second pass over the map); with half coefficients, in the features' half type
+            # (where they go decides the registers ptxas keeps: with fp32 coefficients they come
+            # before the gradient's epilogue at p = 1, after it otherwise; with half coefficients,
+            # after the tile's gradient is stored, from the half tile: the placements that spill
+            # in no variant)
+            if not HALF_COEF and P_ == 1:
+                _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x,
+                              fx.to(tl.float32), canon, kdmask, sa_ptr, L, D, eps, PRECISION)
+            grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx.to(tl.float32), b, kdmask, canon, apos_ptr,
+                             aneg_ptr, nrma_ptr, stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
+            grad = tl.where(xmask[:, None], grad, 0.0)
+            if not HALF_COEF and P_ != 1:
+                _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x,
+                              fx.to(tl.float32), canon, kdmask, sa_ptr, L, D, eps, PRECISION)
+            _store_rows(grad_ptr + b * stride_gb, grad, perm_b, rows, in_grid, kd, kdmask,
+                        C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
             if HALF_COEF:
-                pair = tl.dot(tl.trans(gt), fm, pair)
-            else:
-                rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ms, mask=mmask, other=1.0), eps)
-                pair = tl.dot(tl.trans(gt * rn_m[:, None]), fm.to(tl.float32), pair, input_precision=PRECISION)
-        # <hat f_x, sum_y T_xy hat f_y> tau = sum_y T_xy s_xy: the coefficient pass's
-        # partial sums, added in a fixed order
-        for j in range(0, tl.cdiv(n_used, CN)):
-            pdot += tl.load(rdot_ptr + (b * n_cn + j) * L + rows, mask=x_is_p, other=0.0)
-        for i in range(0, tl.cdiv(n_p, CM)):
-            pdot += tl.load(cdot_ptr + (b * n_cm + i) * L + rows, mask=xmask, other=0.0)
-        n_pf = n_p.to(tl.float32)
-        k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
-        pair = k1 * pair
-        pdot = k1 * pdot
-    nrm_x, _, _, _, c_pos, c_neg, dot_x = _row_setup(
-        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
-    )
-    dot_x += pdot
-    # the anchors' share, then through the normalization into the map's own layout;
-    # contour rows of a mixed tile get 0
-    fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
-                 mask=xmask[:, None] & kdmask[None, :], other=0.0)
-    # the anchors' gradients take their sums over x from the features loaded here (no
-    # second pass over the map); with half coefficients, in the features' half type
-    # (where they go decides the registers ptxas keeps: with fp32 coefficients they come
-    # before the gradient's epilogue at p = 1, after it otherwise; with half coefficients,
-    # after the tile's gradient is stored, from the half tile: the placements that spill
-    # in no variant)
-    if not HALF_COEF and P_ == 1:
-        _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x,
-                      fx.to(tl.float32), canon, kdmask, sa_ptr, L, D, eps, PRECISION)
-    grad = _grad_out(pair, dot_x, c_pos, c_neg, nrm_x, fx.to(tl.float32), b, kdmask, canon, apos_ptr, aneg_ptr,
-                     nrma_ptr, stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
-    grad = tl.where(xmask[:, None], grad, 0.0)
-    if not HALF_COEF and P_ != 1:
-        _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x,
-                      fx.to(tl.float32), canon, kdmask, sa_ptr, L, D, eps, PRECISION)
-    _store_rows(grad_ptr + b * stride_gb, grad, perm_b, rows, in_grid, kd, kdmask,
-                C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
-    if HALF_COEF:
-        _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx, canon,
-                      kdmask, sa_ptr, L, D, eps, PRECISION)
+                _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx,
+                              canon, kdmask, sa_ptr, L, D, eps, PRECISION)

@@ -59,7 +59,7 @@ from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOU
                           FWD_STAGES_IEEE, FWD_WARPS_HALF, FWD_WARPS_IEEE, NUM_WARPS_BWD, _ncl_pair_bwd_kernel,
                           _ncl_pair_fwd_kernel)
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
-from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, ROWS_BC, ROWS_BM, ROWS_PER_SM, SIM_BK_F32,
+from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, GRAD_PANEL, ROWS_BC, ROWS_BM, ROWS_PER_SM, SIM_BK_F32,
                          SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS, SIM_STAGES,
                          SIM_STAGES_IEEE, SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_kernel,
                          _ncl_rows_kernel, _ncl_sim_kernel, grad_tiles)
@@ -384,14 +384,15 @@ def ncl_terms_bwd(
                 BM=COEF_BM, BN=COEF_BN, HALF_COEF=half, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
             )
             # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
-            tiles = grad_tiles(up, half, patch == 1 and not cl)
+            tiles = grad_tiles(up, half, patch == 1 and not cl, GRAD_PANEL)
             n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
+            n_grp = triton.cdiv(n_tx_s, tiles["GROUP"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)
             spart = torch.empty(B, n_tx_s, 2, D, dtype=torch.float32, device=feat.device)
             sdots = torch.empty(B, n_tx_s, 2, dtype=torch.float32, device=feat.device)
-            _ncl_grad_kernel[(_grid_check(n_tx_s * B * n_td, "the backward"),)](
+            _ncl_grad_kernel[(_grid_check(n_grp * B * n_td, "the backward"),)](
                 feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
-                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_td, n_cn, n_cm, g_cap, inv_tau, EPS,
+                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, EPS,
                 CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl, PRECISION=precision if up else "tf32", HALF_COEF=half,
                 IDX64=wide, CHECK_STORED=bounded_any, **tiles,
             )

@@ -662,25 +662,39 @@ def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
         assert splits[0] == 1, splits
 
 
-def test_half_coefficients_path(gen, monkeypatch):
+@pytest.mark.parametrize("panel,sim_bn", [(0, None), (128, None), (0, 128)],
+                         ids=["default", "grouped-panel", "sim-bn-128"])
+def test_half_coefficients_path(panel, sim_bn, gen, monkeypatch):
     # The backward's coefficients in the features' half type (bf16 on a GPU; run here with
     # fp16, whose tensor-core dots the interpreter computes as the GPU does): Gc and Gr,
     # written by the coefficient pass already scaled by the partners' 1/|f|. Several row
     # tiles (|P| > 64, L = 289) and chunks of D (D = 132 > 128, the half path's chunk).
+    # "grouped-panel": the grad kernel's candidate (GRAD_PANEL): each program takes several
+    # row tiles (5 tiles of 64, 4 a group: n_grp = 2, groups of 3 and 2 tiles, the rest past
+    # the map), and the column GEMM runs from the panel of tampered features (|P| = 90 <=
+    # PANEL) in one image and streams them (|P| = 150 > PANEL) in the other. "sim-bn-128":
+    # the similarity GEMM's candidate of 128 columns per item (|P| + |N| = 250: two
+    # column tiles, the second partly padding).
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_stored as ks
     from ncl_fast.kernels import ncl_terms as k
 
     monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
     monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
+    monkeypatch.setattr(k, "GRAD_PANEL", panel)
+    if sim_bn:
+        monkeypatch.setattr(k, "SIM_BN", sim_bn)
+    assert k._sim_tiles(False)[1] == (sim_bn or 64)
     assert k._half_coef(torch.empty(0, dtype=torch.float16))
     shape = (2, 33, 34, 34, 2)
-    tiles = ks.grad_tiles(False, True, False)
+    tiles = ks.grad_tiles(False, True, False, panel)
     assert 132 > tiles["BD"] and 70 > tiles["BX"]
+    if panel:
+        assert 1 < tiles["GROUP"] < -(-289 // tiles["BX"]) and 90 <= tiles["PANEL"] < 150
     feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=torch.float16)
     labels = torch.stack([
         torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]
-        for p_ in (int(torch.randint(70, 140, (), generator=gen)), 90)
+        for p_ in (150, 90)
     ])
     grad_out = torch.rand(2, 3, generator=gen) + 0.5
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
