@@ -251,10 +251,11 @@ class Shape:
 
     @property
     def grad_tiles(self) -> dict:
-        """`ncl_stored.grad_tiles`: the grad kernel's tiles."""
+        """`ncl_stored.grad_tiles`: the grad kernel's tiles (with the op's GRAD_PANEL)."""
         from ncl_fast.kernels import ncl_stored as k
+        from ncl_fast.kernels import ncl_terms as t
 
-        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last)
+        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last, t.GRAD_PANEL)
 
     @property
     def slot_(self) -> int:
@@ -606,7 +607,9 @@ def _k_grad(s: Shape) -> Launch | None:
     |N| partners, the others |P|; the launch orders them heavy first. Its `program` time (the
     heaviest program on one SM's share) is what would show a binding one: at stage 1 in bf16
     8.6 us against the launch's 33.6 us (L2) at [93, 877, 54] and 10.0 against 76.4 us at
-    [300, 650, 74]; in fp32 11.2 against 80.6 and 13.1 against 195.7 us."""
+    [300, 650, 74]; in fp32 11.2 against 80.6 and 13.1 against 195.7 us. A program takes
+    GROUP row tiles (tx = r, r + n_grp, ...; one by default) and, with PANEL > 0, loads the
+    tampered partners' features once for them where |P| <= PANEL."""
     from ncl_fast.kernels import ncl_stored as k
 
     stored_any, check = s.paths()
@@ -614,57 +617,83 @@ def _k_grad(s: Shape) -> Launch | None:
         return None
     tiles, half = s.grad_tiles, s.half_coef
     bx, by, bd, cm, cn, L, D = tiles["BX"], tiles["BY"], tiles["BD"], k.COEF_BM, k.COEF_BN, s.L, s.D
+    group, panel = tiles["GROUP"], tiles["PANEL"]
+    n_tx = cdiv(L, bx)
+    n_grp = cdiv(n_tx, group)
     e = s.esize
     # G: fp32 in S's layout, scaled by 1/|f| in the K loops (the partners' norms loaded there),
     # or Gc and Gr in the features' half type, already scaled
     ge, nb = (e, 0) if half else (4, 4)
     out = Launch("_ncl_grad_kernel", "bwd")
     flag = 8 if check else 0  # the plan's stored flag, where both paths can run
+
     for p, n, u, t1, st in s.images():
         ld = g_ld(p, n) if half else ws_ld(p, n)
-        for ci, (kw, reps) in enumerate(chunks(D, bd)):
-            first = int(ci == 0)  # the group that holds chunk 0
-            for tx in range(cdiv(L, bx)):
-                x0 = tx * bx
-                if not st:
-                    out.add(Prog(loaded=flag), reps, working=False)
-                    continue
-                gi = _rows(x0, bx, L)
-                if x0 >= u:  # contour patches only: zeros
-                    out.add(Prog(loaded=flag + 8 + 4 * gi, stored=gi * kw * e), reps, working=False)
-                    continue
-                xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
-                g = Prog(loaded=flag + 8 + 4 * gi, stored=gi * kw * e)  # counts; the store's perm
-                if t1:
-                    g.loaded += (0 if half else 8) + 4  # the block's offset (fp32 G); g1
-                    g.sfu += 1
-                    if x0 < p:  # 1. row x of G, every partner in P u N
-                        for y0 in range(0, u, by):
-                            cv = _rows(y0, by, u)
-                            g.loaded += ge * rp * _span(y0, by, 0, ld) + (4 + nb) * cv + cv * kw * e
-                            g.sfu += by if nb else 0
-                            g.dot(s.coef_class, bx * by * bd)
-                    for m0 in range(0, p, by):  # 2. column x of G, every partner in P
+        on_pan = bool(panel) and t1 and p <= panel
+
+        def one(x0: int, kw: int, first: bool) -> tuple[Prog, bool]:
+            """One row tile's share of its program (past the program's counts), and whether it works."""
+            gi = _rows(x0, bx, L)
+            if x0 >= u:  # contour patches only (or past the map: every lane masked off): zeros
+                return Prog(loaded=4 * gi, stored=gi * kw * e), False
+            xv, rp = _rows(x0, bx, u), _rows(x0, bx, p)
+            g = Prog(loaded=4 * gi, stored=gi * kw * e)  # the store's perm
+            if t1:
+                g.loaded += (0 if half else 8) + 4  # the block's offset (fp32 G); g1
+                g.sfu += 1
+                if x0 < p:  # 1. row x of G, every partner in P u N
+                    for y0 in range(0, u, by):
+                        cv = _rows(y0, by, u)
+                        g.loaded += ge * rp * _span(y0, by, 0, ld) + (4 + nb) * cv + cv * kw * e
+                        g.sfu += by if nb else 0
+                        g.dot(s.coef_class, bx * by * bd)
+                if on_pan:  # 2. column x of G against the panel: one [BX, PANEL] @ [PANEL, BD] product
+                    g.loaded += ge * p * _span(x0, bx, 0, ld)
+                    g.dot(s.coef_class, bx * panel * bd)
+                else:
+                    for m0 in range(0, p, by):  # 2. column x of G, every partner in P, streamed
                         mv = _rows(m0, by, p)
                         g.loaded += ge * mv * _span(x0, bx, 0, ld) + (4 + nb) * mv + mv * kw * e
                         g.sfu += by if nb else 0
                         g.dot(s.coef_class, bx * by * bd)
-                    g.loaded += 4 * rp * cdiv(u, cn) + 4 * xv * cdiv(p, cm)  # the partial dot sums
-                _row_setup(g, bx, xv, rp if t1 else 0)
-                g.loaded += 4 * xv + xv * kw * e  # f_x
-                # the anchors' sums over the tile (ncl_common._anchor_parts): 1/|f_x|, both
-                # rows of the product out; the first chunk's programs also load s(a+-, x) and
-                # store the dots
-                g.sfu += bx
-                # a [16, x] @ [x, D] product: fp32 features at their precision; fp16 (fp32
-                # coefficients) in tf32; bf16 (half coefficients) in bf16
-                g.dot(s.precision if s.up else ("half" if half else "tf32"), 16 * bx * bd)
-                g.stored += 2 * kw * 4
-                _grad_out(g, bx, bd, kw, e)
-                if first:
-                    g0 = Prog(macs=dict(g.macs), ffma=g.ffma, sfu=g.sfu, loaded=g.loaded + 8 * xv, stored=g.stored + 8)
-                    out.add(g0)
-                out.add(g, reps - first)
+                g.loaded += 4 * rp * cdiv(u, cn) + 4 * xv * cdiv(p, cm)  # the partial dot sums
+            _row_setup(g, bx, xv, rp if t1 else 0)
+            g.loaded += 4 * xv + xv * kw * e  # f_x
+            # the anchors' sums over the tile (ncl_common._anchor_parts): 1/|f_x|, both
+            # rows of the product out; the first chunk's programs also load s(a+-, x) and
+            # store the dots
+            g.sfu += bx
+            # a [16, x] @ [x, D] product: fp32 features at their precision; fp16 (fp32
+            # coefficients) in tf32; bf16 (half coefficients) in bf16
+            g.dot(s.precision if s.up else ("half" if half else "tf32"), 16 * bx * bd)
+            g.stored += 2 * kw * 4
+            _grad_out(g, bx, bd, kw, e)
+            if first:
+                g.loaded += 8 * xv
+                g.stored += 8
+            return g, True
+
+        for ci, (kw, reps) in enumerate(chunks(D, bd)):
+            for r in range(n_grp):
+                if not st:
+                    out.add(Prog(loaded=flag), reps, working=False)
+                    continue
+                firsts = [True, False] if ci == 0 else [False]  # the group that holds chunk 0
+                for first in firsts:
+                    count = 1 if first else reps - int(ci == 0)
+                    g = Prog(loaded=flag + 8)  # counts
+                    if on_pan:  # the panel: the tampered partners' perm and features on the chunk
+                        g.loaded += 4 * p + p * kw * e
+                    working = False
+                    for gi in range(group):
+                        t, w = one((r + gi * n_grp) * bx, kw, first)
+                        working |= w
+                        g.loaded += t.loaded
+                        g.stored += t.stored
+                        g.sfu += t.sfu
+                        for c, v in t.macs.items():
+                            g.dot(c, v)
+                    out.add(g, count, working=working)
         out.hbm_read += flag
         if st:
             out.hbm_read += 4 * L + (8 if u == 0 else 12 + 12 + 16 + 8 + 4 * u + 8 * u + u * D * e + 2 * D * e)
