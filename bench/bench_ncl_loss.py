@@ -11,7 +11,10 @@ tf32x3 for fp32 features); `triton:NAME=VALUE` sets an attribute of
 `ncl_fast.kernels.ncl_terms` for that row only: `triton:SIM_BUDGET=0` is the
 bounded path (no similarity workspace: the first design's kernels),
 `triton:FP32_DOT_PRECISION=ieee` plain fp32 FMA products (fp32 inputs only;
-skipped for the others).
+skipped for the others). The kernels' candidates (off by default, for a GPU run to
+decide): `triton:GRAD_PANEL=128` (the backward's grouped row tiles sharing one load
+of up to 128 tampered partners' features; bf16) and `triton:SIM_BN=128` (the
+similarity GEMM's 128 columns per item, half features).
 
 Floors, per batch (|P_b|, |N_b| the tampered / authentic patch counts):
   FLOP forward  = sum_b 2 D |P_b| (|P_b| + |N_b|)  (the similarities the loss needs)
@@ -93,6 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--area", default="0.05,0.30",
+                    help="the masks' tampered fraction per image, drawn between these two (lo,hi)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--stages", default="stage 1,stage 2")
     ap.add_argument("--variants", default="triton,triton:SIM_BUDGET=0,triton:FP32_DOT_PRECISION=ieee",
@@ -111,7 +116,10 @@ def main() -> None:
     torch._functorch.config.donated_buffer = False
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference in true fp32, like the kernels' default
     print(device_header())
-    mask = ellipse_masks(args.batch, args.size, args.size, 0, area=(0.05, 0.30), device=dev)
+    lo, hi = (float(x) for x in args.area.split(","))
+    if not 0.0 < lo <= hi < 1.0:
+        sys.exit(f"--area {args.area}: expected lo,hi with 0 < lo <= hi < 1 (tampered fraction per image)")
+    mask = ellipse_masks(args.batch, args.size, args.size, 0, area=(lo, hi), device=dev)
     print(f"\nmasks: tampered fraction per image {[round(x, 3) for x in mask.mean((1, 2, 3)).tolist()]}")
     rows = []
     compile_stages = set() if args.no_compile else {s for s in args.compile_stages.split(",") if s}

@@ -6,7 +6,7 @@
 #   bench/gpu_check.sh                 # every part
 #   bench/gpu_check.sh build parity ncl   # some parts (build is always first)
 #
-# Parts, in order: build parity sanitize ncl pc step step_compiled train.
+# Parts, in order: build parity sanitize ncl ncl_candidates pc step step_compiled train.
 # The machine has no internet: it builds against its own torch and installs nothing else.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/ncl_fast_gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-parts=${*:-"build parity sanitize ncl pc step step_compiled train"}
+parts=${*:-"build parity sanitize ncl ncl_candidates pc step step_compiled train"}
 want() { [[ " $parts " == *" $1 "* ]]; }
 status=0
 t0=$(date +%s)
@@ -69,6 +69,10 @@ if want sanitize; then
   done
 fi
 run_part ncl 200 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}
+# the kernels' candidates side by side with the default, bf16 (see bench_ncl_loss.py): at 8-12 %
+# tampered area (|P| <= 128 per image at stage 1, where the grad kernel's panel applies)
+run_part ncl_candidates 200 $py bench/bench_ncl_loss.py --dtypes bfloat16 --no-compile --profile --area 0.08,0.12 \
+  --variants triton,triton:GRAD_PANEL=128,triton:SIM_BN=128,triton:GRAD_PANEL=128:SIM_BN=128
 run_part pc 90 $py bench/bench_pc_loss.py ${PC_BENCH_ARGS:-}
 # the training step eager (fp32 and bf16), then compiled and with CUDA graphs (bf16), the profiler's top kernels of each
 run_part step 120 $py bench/bench_train_step.py --no-compile --no-train --profile ${STEP_ARGS:-}
