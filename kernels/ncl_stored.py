@@ -28,9 +28,9 @@ Backward:
   row, over a column tile) and sum_m G_mx s_mx (per column, over a row tile). With
   half coefficients (bf16 features) it writes G already scaled and rounded, twice:
   Gc_my = G_my / |f_y| and Gr_my = G_my / |f_m| in the features' half type;
-* `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D) (with the
-  candidate GRAD_PANEL, per GRAD_GROUP row tiles, sharing one load of the tampered
-  partners' features on the chunk): the two plain GEMMs of the floor,
+* `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D) (on sm_90 with
+  half coefficients, per GRAD_GROUP row tiles, sharing one load of the tampered
+  partners' features on the chunk: GRAD_PANEL): the two plain GEMMs of the floor,
   G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
   loops only load and multiply (Gc's rows and Gr's columns with the features; fp32
   G is scaled by 1/|f| in the loop); then the anchors' share and the normalization's
@@ -107,16 +107,15 @@ GRAD_BY_F32 = 8
 GRAD_WARPS_F32 = 4
 GRAD_STAGES_F32 = 1
 GRAD_BY_F16 = 16
-# A candidate for half coefficients, off by default (GRAD_PANEL = 0): each program takes
-# GRAD_GROUP row tiles (r, r + n_grp, ...) of one chunk of D and holds the tampered
-# partners' features on that chunk (up to GRAD_PANEL of them: the column GEMM's whole K,
-# 32 KiB of shared memory, loaded once for the group) instead of every row tile re-reading
-# them: at [93, 877, 54] 3.0 MB of reads per image instead of 12.2. Its cost is registers:
-# the unrolled group spills 176-400 B within 128 registers, and takes 174-239 without a
-# cap (one block per SM, not two). Which wins is for a GPU run to say
-# (`bench/bench_ncl_loss.py`'s variant `triton:GRAD_PANEL=128`).
+# Half coefficients on sm_90 (`ncl_terms._grad_panel`): each program takes GRAD_GROUP row
+# tiles (r, r + n_grp, ...) of one chunk of D and holds the tampered partners' features on
+# that chunk (up to GRAD_PANEL of them: the column GEMM's whole K, 32 KiB of shared memory,
+# loaded once for the group) instead of every row tile re-reading them: at [93, 877, 54]
+# 3.0 MB of reads per image instead of 12.2 (an image with |P| > GRAD_PANEL streams them
+# as before). Within 128 registers (two blocks per SM) on sm_90; on sm_80 it spills there
+# (456-572 B), so sm_80 keeps one row tile a program and no panel.
 GRAD_GROUP = 4
-GRAD_PANEL = 0
+GRAD_PANEL = 128
 
 
 def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0) -> dict:
@@ -129,7 +128,7 @@ def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0) -> dict:
         bd = GRAD_BD_GATHER if gather else GRAD_BD
         if panel:
             return dict(BX=GRAD_BX, BY=GRAD_BY, BD=bd, GROUP=GRAD_GROUP, PANEL=panel, num_warps=GRAD_WARPS,
-                        num_stages=GRAD_STAGES, maxnreg=None)
+                        num_stages=GRAD_STAGES, maxnreg=GRAD_MAXNREG)
         return dict(BX=GRAD_BX, BY=GRAD_BY, BD=bd, GROUP=1, PANEL=0, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
                     maxnreg=GRAD_MAXNREG)
     if up:
@@ -430,6 +429,14 @@ def _ncl_grad_kernel(
     # (tx >= n_tx, in the last groups) takes the contour branch with every store masked off
     for gi in tl.static_range(GROUP):
         tx = grp + gi * n_grp
+        if GROUP > 1:
+            # the chunk's offsets formed again per tile, from a value of the tile (so that they are
+            # neither hoisted nor shared): held across the group, their copies in each layout took
+            # the registers that keep two blocks per SM (within 128 on sm_90, no spill)
+            td_t = tl.where(tx >= 0, td, 0)
+            kd = td_t * BD + tl.arange(0, BD)
+            kdmask = kd < D
+            d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
         x0 = tx * BX
         rows = x0 + tl.arange(0, BX)
         in_grid = rows < L

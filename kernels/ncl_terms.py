@@ -100,6 +100,20 @@ def _half_coef(feat: torch.Tensor) -> bool:
     return feat.dtype in HALF_COEF_DTYPES and not _upcast(feat)
 
 
+#: Compute capabilities (majors) whose backward takes the grad kernel's row groups and panel
+#: (ncl_stored.GRAD_PANEL): sm_90, where it compiles within 128 registers (two blocks per SM);
+#: on sm_80 it spills there. Off a GPU (the interpreter, ahead-of-time compiles) the op
+#: launches as on a device of major PANEL_CAPABILITY (the kernel report sets it per architecture).
+GRAD_PANEL_MAJORS = (9,)
+PANEL_CAPABILITY = 9
+
+
+def _grad_panel(device: torch.device) -> int:
+    """The grad kernel's panel for `device` (0: one row tile a program, no panel)."""
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else PANEL_CAPABILITY
+    return GRAD_PANEL if major in GRAD_PANEL_MAJORS else 0
+
+
 def fp32_precision() -> str:
     if FP32_DOT_PRECISION not in PRECISIONS:
         raise ValueError(
@@ -384,7 +398,7 @@ def ncl_terms_bwd(
                 BM=COEF_BM, BN=COEF_BN, HALF_COEF=half, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
             )
             # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
-            tiles = grad_tiles(up, half, patch == 1 and not cl, GRAD_PANEL)
+            tiles = grad_tiles(up, half, patch == 1 and not cl, _grad_panel(feat.device))
             n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
             n_grp = triton.cdiv(n_tx_s, tiles["GROUP"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)

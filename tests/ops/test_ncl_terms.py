@@ -662,17 +662,18 @@ def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
         assert splits[0] == 1, splits
 
 
-@pytest.mark.parametrize("panel,sim_bn", [(0, None), (128, None), (0, 128)],
-                         ids=["default", "grouped-panel", "sim-bn-128"])
-def test_half_coefficients_path(panel, sim_bn, gen, monkeypatch):
+@pytest.mark.parametrize("capability,sim_bn", [(9, None), (8, None), (9, 128)],
+                         ids=["sm90-panel", "sm80-no-panel", "sim-bn-128"])
+def test_half_coefficients_path(capability, sim_bn, gen, monkeypatch):
     # The backward's coefficients in the features' half type (bf16 on a GPU; run here with
     # fp16, whose tensor-core dots the interpreter computes as the GPU does): Gc and Gr,
     # written by the coefficient pass already scaled by the partners' 1/|f|. Several row
     # tiles (|P| > 64, L = 289) and chunks of D (D = 132 > 128, the half path's chunk).
-    # "grouped-panel": the grad kernel's candidate (GRAD_PANEL): each program takes several
+    # "sm90-panel": the grad kernel as on sm_90 (GRAD_PANEL): each program takes several
     # row tiles (5 tiles of 64, 4 a group: n_grp = 2, groups of 3 and 2 tiles, the rest past
     # the map), and the column GEMM runs from the panel of tampered features (|P| = 90 <=
-    # PANEL) in one image and streams them (|P| = 150 > PANEL) in the other. "sim-bn-128":
+    # PANEL) in one image and streams them (|P| = 150 > PANEL) in the other; "sm80-no-panel":
+    # as on sm_80, one row tile a program, every partner streamed. "sim-bn-128":
     # the similarity GEMM's candidate of 128 columns per item (|P| + |N| = 250: two
     # column tiles, the second partly padding).
     require_backend("triton", "ncl_terms")
@@ -681,7 +682,9 @@ def test_half_coefficients_path(panel, sim_bn, gen, monkeypatch):
 
     monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
     monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
-    monkeypatch.setattr(k, "GRAD_PANEL", panel)
+    monkeypatch.setattr(k, "PANEL_CAPABILITY", capability)
+    panel = k._grad_panel(torch.device("cpu"))
+    assert (panel > 0) == (capability == 9)
     if sim_bn:
         monkeypatch.setattr(k, "SIM_BN", sim_bn)
     assert k._sim_tiles(False)[1] == (sim_bn or 64)
@@ -700,6 +703,20 @@ def test_half_coefficients_path(panel, sim_bn, gen, monkeypatch):
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
     _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
     check_grads(grads, want, torch.float16)
+
+
+@pytest.mark.parametrize("major,panel", [(9, True), (8, False), (10, False), (12, False)])
+def test_grad_panel_is_chosen_by_the_devices_architecture(major, panel, monkeypatch):
+    # The grad kernel's row groups and panel fit two blocks per SM within 128 registers on
+    # sm_90 only (they spill on sm_80): the op asks the device, and off a GPU follows
+    # PANEL_CAPABILITY (the interpreter and the kernel report).
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert k._grad_panel(torch.device("cuda", 0)) == (k.GRAD_PANEL if panel else 0)
+    assert k.GRAD_PANEL > 0
+    monkeypatch.setattr(k, "PANEL_CAPABILITY", major)
+    assert k._grad_panel(torch.device("cpu")) == (k.GRAD_PANEL if panel else 0)
 
 
 def test_second_backward_of_one_graph(gen, monkeypatch):
