@@ -333,13 +333,24 @@ def triton_rows(archs: list[int], only: str = "", variants=None, load_lines: str
     variant, arch, bytes). `variants`: (stage, dtype[:precision], layout) triples."""
     variants = variants or [(s, d, lay) for s in DEFAULT_STAGES for d in DTYPES for lay in LAYOUTS]
     _JOBS.clear()
+    from ncl_fast.kernels import ncl_terms as kn
+
     for stage, dname, layout in variants:
         dtype_name, _, precision = dname.partition(":")
-        for kernel, grid, args, kwargs in record_ncl_launches(stage, getattr(torch, dtype_name), layout,
-                                                              precision=precision):
-            if only and not any(name in kernel.__name__ for name in only.split(",")):
-                continue
-            for arch in archs:
+        by_arch = []
+        for arch in archs:
+            # the launches as the op makes them on a device of this architecture (the grad
+            # kernel's panel is for sm_90 only: ncl_terms._grad_panel); the same kernels in
+            # the same order on every architecture
+            default, kn.PANEL_CAPABILITY = kn.PANEL_CAPABILITY, arch // 10
+            try:
+                by_arch.append(record_ncl_launches(stage, getattr(torch, dtype_name), layout, precision=precision))
+            finally:
+                kn.PANEL_CAPABILITY = default
+        for same in zip(*by_arch, strict=True):
+            for arch, (kernel, grid, args, kwargs) in zip(archs, same):
+                if only and not any(name in kernel.__name__ for name in only.split(",")):
+                    continue
                 _JOBS.append((kernel, args, kwargs, arch, f"{stage}, {dname}, {layout}", load_lines))
     if jobs > 1:
         import multiprocessing
