@@ -251,11 +251,13 @@ class Shape:
 
     @property
     def grad_tiles(self) -> dict:
-        """`ncl_stored.grad_tiles`: the grad kernel's tiles (with the op's GRAD_PANEL)."""
+        """`ncl_stored.grad_tiles`: the grad kernel's tiles, as the op launches them on the
+        H200 (sm_90: `ncl_terms._grad_panel`)."""
         from ncl_fast.kernels import ncl_stored as k
         from ncl_fast.kernels import ncl_terms as t
 
-        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last, t.GRAD_PANEL)
+        panel = t.GRAD_PANEL if 9 in t.GRAD_PANEL_MAJORS else 0
+        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last, panel)
 
     @property
     def slot_(self) -> int:
@@ -606,9 +608,9 @@ def _k_grad(s: Shape) -> Launch | None:
     """The backward GEMMs. Programs are not balanced: a tile of tampered rows runs K = 2|P| +
     |N| partners, the others |P|; the launch orders them heavy first. Its `program` time (the
     heaviest program on one SM's share) is what would show a binding one: at stage 1 in bf16
-    8.6 us against the launch's 33.6 us (L2) at [93, 877, 54] and 10.0 against 76.4 us at
-    [300, 650, 74]; in fp32 11.2 against 80.6 and 13.1 against 195.7 us. A program takes
-    GROUP row tiles (tx = r, r + n_grp, ...; one by default) and, with PANEL > 0, loads the
+    (sm_90: groups and panel) 11.4 us against the launch's 28.3 us (L2) at [93, 877, 54] and
+    25.1 against 76.4 us at [300, 650, 74]; in fp32 11.2 against 80.6 and 13.1 against 195.7 us. A program takes
+    GROUP row tiles (tx = r, r + n_grp, ...) and, with PANEL > 0 (bf16 on sm_90), loads the
     tampered partners' features once for them where |P| <= PANEL."""
     from ncl_fast.kernels import ncl_stored as k
 
