@@ -4,7 +4,8 @@ torch.compile(reference), at the paper's shapes.
 
 B = 4 images of 512 x 512, masks of 5-30 % tampered area in irregular shapes;
 stage 1 (C = 64, 256 x 256 features, p = 8, D = 4096) and stage 2 (C = 256,
-128 x 128, p = 4, D = 4096); fp32, bf16 and fp16 features, contiguous.
+128 x 128, p = 4, D = 4096); fp32, bf16 and fp16 features, contiguous (`--layouts`:
+also channels_last, as the training step passes them on a GPU).
 
 Variants (`--variants`): `triton` is the default configuration (the stored path,
 tf32x3 for fp32 features); `triton:NAME=VALUE` sets an attribute of
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--area", default="0.05,0.30",
                     help="the masks' tampered fraction per image, drawn between these two (lo,hi)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--layouts", default="contiguous", help="the features' layouts: contiguous, channels_last")
     ap.add_argument("--stages", default="stage 1,stage 2")
     ap.add_argument("--variants", default="triton,triton:SIM_BUDGET=0,triton:FP32_DOT_PRECISION=ieee",
                     help="comma-separated Triton variants (see the module docstring)")
@@ -129,10 +131,16 @@ def main() -> None:
         labels = functional.patch_labels(mask, (h, h), p, impl="reference")
         counts = [[int((labels[b] == v).sum()) for v in (1, 0, 2)] for b in range(args.batch)]
         print(f"{stage}: [|P|, |N|, |K|] per image {counts}", flush=True)
-        for dname in args.dtypes.split(","):
+        for dname, layout in [(d, lay) for d in args.dtypes.split(",") for lay in args.layouts.split(",")]:
             dtype = getattr(torch, dname)
+            if layout not in ("contiguous", "channels_last"):
+                sys.exit(f"--layouts {args.layouts}: expected contiguous and/or channels_last")
             g = torch.Generator(device=dev).manual_seed(1)
-            feat = torch.randn(args.batch, C, h, h, device=dev, generator=g).to(dtype).requires_grad_()
+            feat = torch.randn(args.batch, C, h, h, device=dev, generator=g).to(dtype)
+            if layout == "channels_last":  # as the training step passes the decoder's features on a GPU
+                feat = feat.to(memory_format=torch.channels_last)
+                dname = f"{dname} channels_last"
+            feat.requires_grad_()
             D = C * p * p
             a_pos = torch.randn(args.batch, D, device=dev, generator=g).to(dtype).requires_grad_()
             a_neg = torch.randn(args.batch, D, device=dev, generator=g).to(dtype).requires_grad_()
