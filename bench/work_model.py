@@ -684,7 +684,7 @@ def _k_grad(s: Shape) -> Launch | None:
                 for first in firsts:
                     count = 1 if first else reps - int(ci == 0)
                     g = Prog(loaded=flag + 8)  # counts
-                    if on_pan:  # the panel: the tampered partners' perm and features on the chunk
+                    if on_pan and r * bx < u:  # the panel (for a group with a listed patch): perm, features
                         g.loaded += 4 * p + p * kw * e
                     working = False
                     for gi in range(group):

@@ -418,7 +418,7 @@ def _ncl_grad_kernel(
     # the column GEMM streams them per tile
     if PANEL > 0:
         ms_pan = tl.arange(0, PANEL)
-        on_pan = t1 & (n_p <= PANEL)
+        on_pan = t1 & (n_p <= PANEL) & (grp * BX < n_used)  # (a group of contour tiles only needs none)
         pmask = (ms_pan < n_p) & on_pan
         fpan = tl.load(feat_b + _patch_offsets(perm_b, ms_pan, pmask, Q, P_, stride_fy, stride_fx)[:, None]
                        + d_off[None, :], mask=pmask[:, None] & kdmask[None, :], other=0.0)

@@ -398,7 +398,8 @@ def ncl_terms_bwd(
                 BM=COEF_BM, BN=COEF_BN, HALF_COEF=half, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
             )
             # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
-            tiles = grad_tiles(up, half, patch == 1 and not cl, _grad_panel(feat.device))
+            # (no panel with 64-bit offsets: there the grouped kernel spills on sm_90, 12-60 B)
+            tiles = grad_tiles(up, half, patch == 1 and not cl, 0 if wide else _grad_panel(feat.device))
             n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
             n_grp = triton.cdiv(n_tx_s, tiles["GROUP"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)

@@ -719,6 +719,30 @@ def test_grad_panel_is_chosen_by_the_devices_architecture(major, panel, monkeypa
     assert k._grad_panel(torch.device("cpu")) == (k.GRAD_PANEL if panel else 0)
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+def test_grad_panel_is_left_out_with_64_bit_offsets(wide, gen, monkeypatch):
+    # With 64-bit offsets the grouped kernel spills on sm_90 (12-60 B): the op launches one
+    # row tile a program there, and the values stay those of the panel's launch.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+    monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
+    feat, labels, a_pos, a_neg = make_case((2, 5, 20, 20, 2), "blobs", gen, dtype=torch.float16)
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    _, want = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
+    panels = []
+    grad_tiles = k.grad_tiles
+    monkeypatch.setattr(k, "grad_tiles", lambda *a: panels.append(a[3]) or grad_tiles(*a))
+    if wide:
+        monkeypatch.setattr(kl, "INT32_SPAN", 0)
+    _, got = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
+    assert panels == [0 if wide else k.GRAD_PANEL]
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
 def test_second_backward_of_one_graph(gen, monkeypatch):
     # The coefficients go to their own buffer: S is left as the forward wrote it, so a
     # second backward through the same graph (retain_graph) gives the same gradients.

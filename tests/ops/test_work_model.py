@@ -114,25 +114,28 @@ SIZES = [(40, 150, 66), (90, 100, 66), (1, 200, 55), (70, 186, 0)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,dtype,precision,sms,half_coef,panel", [
-    ("stored", torch.float32, "tf32x3", 16, False, 0),
-    ("bounded", torch.float32, "tf32x3", 2, False, 0),
-    ("mixed", torch.float32, "ieee", 2, False, 0),
-    ("mixed", torch.float16, "tf32x3", 16, False, 0),
+@pytest.mark.parametrize("path,dtype,precision,sms,half_coef,panel,group", [
+    ("stored", torch.float32, "tf32x3", 16, False, 0, 4),
+    ("bounded", torch.float32, "tf32x3", 2, False, 0, 4),
+    ("mixed", torch.float32, "ieee", 2, False, 0, 4),
+    ("mixed", torch.float16, "tf32x3", 16, False, 0, 4),
     # the half coefficients Gc, Gr (bf16 on a GPU; fp16 here, whose dots the interpreter
     # runs as the GPU does); 4 SMs: the half similarity GEMM's larger items split D for
     # some images only
-    ("stored", torch.float16, "tf32x3", 4, True, 0),
+    ("stored", torch.float16, "tf32x3", 4, True, 0, 4),
     # the grad kernel's grouped row tiles with a panel of 64 tampered partners: |P| = 40 on
-    # the panel, 90 and 70 streamed
-    ("stored", torch.float16, "tf32x3", 4, True, 64),
+    # the panel, 90 and 70 streamed; groups of 4 tiles (one group an image), and of 1 (image
+    # 0's last tile, contour patches only, makes a group that loads no panel)
+    ("stored", torch.float16, "tf32x3", 4, True, 64, 4),
+    ("stored", torch.float16, "tf32x3", 4, True, 64, 1),
 ])
-def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, panel, gen, monkeypatch):
+def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, panel, group, gen, monkeypatch):
     require_backend("triton", "ncl_terms")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("counts what Triton's interpreter executes")
     import work_model
     from ncl_fast import functional
+    from ncl_fast.kernels import ncl_stored as ks
     from ncl_fast.kernels import ncl_terms as k
 
     B, L, D = len(SIZES), (H // PATCH) ** 2, C * PATCH * PATCH
@@ -155,6 +158,7 @@ def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, 
     if half_coef:
         monkeypatch.setattr(k, "HALF_COEF_DTYPES", (dtype,))
     monkeypatch.setattr(k, "GRAD_PANEL", panel)
+    monkeypatch.setattr(ks, "GRAD_GROUP", group)
     assert k._half_coef(torch.empty(0, dtype=dtype)) == half_coef
     counter = WorkCounter(monkeypatch)
     functional.ncl_terms(feat, labels, a_pos, a_neg, PATCH, impl="triton").sum().backward()
