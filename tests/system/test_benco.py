@@ -69,12 +69,17 @@ def benco(request, monkeypatch):
 def batches(gen, n_batches=3, B=4, H=24, W=28, ties=False):
     """(pred, mask, shape_mask) batches: random predictions, ellipse masks, some images
     authentic, some padded (a random valid top-left region), one whose valid pixels are all
-    tampered (AUC undefined). `ties`: predictions on a 1/8 grid, many tied scores."""
+    tampered (AUC undefined). Scores without ties: a random order of B H W distinct values
+    in (0, 1) (uniform floats tie by chance, about one batch in a hundred, and a tie between a
+    tampered and an authentic pixel counts half in ours, 0 or 1 in their curve: ~1e-5 of AUC).
+    `ties`: predictions on a 1/8 grid, many tied scores."""
     out = []
     for b in range(n_batches):
-        pred = torch.rand(B, 1, H, W, generator=gen)
         if ties:
-            pred = torch.round(pred * 8) / 8
+            pred = torch.round(torch.rand(B, 1, H, W, generator=gen) * 8) / 8
+        else:
+            n = B * H * W
+            pred = ((torch.randperm(n, generator=gen).float() + 0.5) / n).reshape(B, 1, H, W)
         mask = ellipse_masks(B, H, W, gen).float().reshape(B, 1, H, W)
         mask[1] = 0  # authentic
         shape = torch.zeros(B, 1, H, W)
