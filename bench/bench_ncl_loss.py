@@ -12,10 +12,12 @@ tf32x3 for fp32 features); `triton:NAME=VALUE` sets an attribute of
 `ncl_fast.kernels.ncl_terms` for that row only: `triton:SIM_BUDGET=0` is the
 bounded path (no similarity workspace: the first design's kernels),
 `triton:FP32_DOT_PRECISION=ieee` plain fp32 FMA products (fp32 inputs only;
-skipped for the others). Against the default on sm_90: `triton:GRAD_PANEL=0` (the
-backward's grad kernel without its row groups and panel of tampered partners'
-features, as on sm_80; bf16) and the candidate `triton:SIM_BN=128` (the similarity
-GEMM's 128 columns per item, half features; one block per SM).
+skipped for the others). Against the default on sm_90: `triton:GRAD_HEAD_MAJORS=`
+(the backward without its head kernel: the grouped kernel with its row groups and
+panel of tampered partners' features for every image; bf16), with `:GRAD_PANEL=0` too
+(one row tile a program, as on sm_80), and the candidate `triton:SIM_BN=128` (the
+similarity GEMM's 128 columns per item, half features; one block per SM). An empty
+value sets a tuple attribute to ().
 
 Floors, per batch (|P_b|, |N_b| the tampered / authentic patch counts):
   FLOP forward  = sum_b 2 D |P_b| (|P_b| + |N_b|)  (the similarities the loss needs)

@@ -340,15 +340,19 @@ def triton_rows(archs: list[int], only: str = "", variants=None, load_lines: str
         by_arch = []
         for arch in archs:
             # the launches as the op makes them on a device of this architecture (the grad
-            # kernel's panel is for sm_90 only: ncl_terms._grad_panel); the same kernels in
-            # the same order on every architecture
+            # kernel's panel and the head kernel are for sm_90 only: ncl_terms._grad_panel,
+            # _grad_head)
             default, kn.PANEL_CAPABILITY = kn.PANEL_CAPABILITY, arch // 10
             try:
                 by_arch.append(record_ncl_launches(stage, getattr(torch, dtype_name), layout, precision=precision))
             finally:
                 kn.PANEL_CAPABILITY = default
-        for same in zip(*by_arch, strict=True):
-            for arch, (kernel, grid, args, kwargs) in zip(archs, same):
+        # side by side by kernel (the head kernel runs on sm_90 only: the others in the same order)
+        names = list(dict.fromkeys(k.__name__ for launches in by_arch for k, *_ in launches))
+        for kname in names:
+            same = [(arch, launch) for arch, launches in zip(archs, by_arch) for launch in launches
+                    if launch[0].__name__ == kname]
+            for arch, (kernel, grid, args, kwargs) in same:
                 if only and not any(name in kernel.__name__ for name in only.split(",")):
                     continue
                 _JOBS.append((kernel, args, kwargs, arch, f"{stage}, {dname}, {layout}", load_lines))

@@ -256,8 +256,19 @@ class Shape:
         from ncl_fast.kernels import ncl_stored as k
         from ncl_fast.kernels import ncl_terms as t
 
-        panel = t.GRAD_PANEL if 9 in t.GRAD_PANEL_MAJORS else 0
+        panel = t.GRAD_PANEL if 9 in t.GRAD_PANEL_MAJORS and self.grad_head is None else 0
         return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last, panel)
+
+    @property
+    def grad_head(self) -> dict | None:
+        """`ncl_stored.grad_head_tiles` where the op launches the head kernel on the H200
+        (half coefficients, sm_90: `ncl_terms._grad_head`), else None."""
+        from ncl_fast.kernels import ncl_stored as k
+        from ncl_fast.kernels import ncl_terms as t
+
+        if not (self.half_coef and 9 in t.GRAD_HEAD_MAJORS):
+            return None
+        return k.grad_head_tiles(self.patch, self.channels_last)
 
     @property
     def slot_(self) -> int:
@@ -629,9 +640,14 @@ def _k_grad(s: Shape) -> Launch | None:
     out = Launch("_ncl_grad_kernel", "bwd")
     flag = 8 if check else 0  # the plan's stored flag, where both paths can run
 
+    head = s.grad_head["HEAD"] if s.grad_head else 0
     for p, n, u, t1, st in s.images():
         ld = g_ld(p, n) if half else ws_ld(p, n)
         on_pan = bool(panel) and t1 and p <= panel
+        if st and head and p <= head:  # the head kernel's image: every program returns after |P|
+            out.add(Prog(loaded=flag + 4), n_grp * sum(reps for _, reps in chunks(D, bd)), working=False)
+            out.hbm_read += flag + 4
+            continue
 
         def one(x0: int, kw: int, first: bool) -> tuple[Prog, bool]:
             """One row tile's share of its program (past the program's counts), and whether it works."""
@@ -703,6 +719,110 @@ def _k_grad(s: Shape) -> Launch | None:
                 out.hbm_read += (2 * ge * p * ld if half else 8 + 4 * p * ld) + 8 * p
                 out.hbm_read += 4 * p * cdiv(u, cn) + 4 * u * cdiv(p, cm)
     return out
+
+
+def _k_grad_head(s: Shape) -> Launch | None:
+    """The head kernel (half coefficients on sm_90, images with |P| <= HEAD): one program per
+    (image, chunk of D) over every listed patch in tiles of HEAD / 2 rows: per tile, Gc[P, x]
+    feeds the row GEMM's sums ([HEAD, x] @ [x, D]) and the tile's column GEMM ([x, HEAD] @
+    [HEAD, D], against the tampered features loaded once a program), then the tile's epilogue;
+    the two tiles of rows [0, HEAD) come last (tile 1's G and features loaded twice). The
+    dots run in every image's programs (on zeros where t1 is undefined: its G loads are
+    masked off)."""
+    stored_any, check = s.paths()
+    tiles = s.grad_head
+    if not stored_any or tiles is None:
+        return None
+    head, bd, L, D, e = tiles["HEAD"], tiles["BD"], s.L, s.D, s.esize
+    xb = head // 2
+    cm, cn = k_coef_tiles()
+    flag = 8 if check else 0
+    out = Launch("_ncl_grad_head_kernel", "bwd")
+    for p, n, u, t1, st in s.images():
+        if not st or p > head:  # the bounded path's image (the flag), or the grouped kernel's (|P|)
+            skip = flag + (4 if st else 0)
+            for kw, reps in chunks(D, bd):
+                out.add(Prog(loaded=skip), reps, working=False)
+            out.hbm_read += skip
+            continue
+        ld = g_ld(p, n)
+        n_t = cdiv(u, xb)
+        pm = p if t1 else 0  # the tampered rows G and the panel load
+        for ci, (kw, reps) in enumerate(chunks(D, bd)):
+            for first in ([True, False] if ci == 0 else [False]):
+                count = 1 if first else reps - int(ci == 0)
+                # the flag; |P|, |N|; the panel (perm, |f_m|, features); g1
+                g = Prog(loaded=flag + 8 + pm * (4 + 4 + kw * e) + 4)
+                g.sfu += head + 1  # 1 / |f_m|; k1
+
+                def pdot(x0: int) -> None:  # the partial dot sums
+                    if t1:
+                        g.loaded += 4 * _rows(x0, xb, p) * cdiv(u, cn) + 4 * _rows(x0, xb, u) * cdiv(p, cm)
+
+                def fx(x0: int) -> None:  # perm and features of the tile's listed patches
+                    xv = _rows(x0, xb, u)
+                    g.loaded += 4 * xv + xv * kw * e
+
+                def rows_gemm(x0: int) -> None:  # Gc[P, x] (columns below ld); [HEAD, x] @ [x, D]
+                    g.loaded += e * pm * _span(x0, xb, 0, ld)
+                    g.dot("half", head * xb * bd)
+
+                def col(x0: int) -> None:  # Gc[P, x] again where asked; |f_x|; [x, HEAD] @ [HEAD, D]
+                    g.loaded += 4 * _rows(x0, xb, u)
+                    g.dot("half", xb * head * bd)
+
+                def epilogue(x0: int) -> None:
+                    xv, rp = _rows(x0, xb, u), _rows(x0, xb, p)
+                    _row_setup(g, xb, xv, rp if t1 else 0)
+                    _grad_out(g, xb, bd, kw, e)
+                    gi = _rows(x0, xb, L)
+                    g.loaded += 4 * gi  # the store's perm
+                    g.stored += gi * kw * e
+                    # the anchors' sums (ncl_common._anchor_parts): 1/|f_x|, a [16, x] @ [x, D]
+                    # product, rows 0 and 1 stored; the first chunk also s(a+-, x) and the dots
+                    g.sfu += xb
+                    g.dot("half", 16 * xb * bd)
+                    g.stored += 2 * kw * 4
+                    if first:
+                        g.loaded += 8 * xv
+                        g.stored += 8
+
+                for tx in range(n_t - 1, 1, -1):  # 1. the tiles past the head's rows
+                    pdot(tx * xb)
+                    fx(tx * xb)
+                    rows_gemm(tx * xb)
+                    col(tx * xb)
+                    epilogue(tx * xb)
+                fx(xb)  # 2. tile 1's share of the sums; tile 0; tile 1
+                rows_gemm(xb)
+                fx(0)
+                rows_gemm(0)
+                col(0)
+                pdot(0)
+                epilogue(0)
+                if u > xb:
+                    fx(xb)
+                    g.loaded += e * pm * _span(xb, xb, 0, ld)
+                    col(xb)
+                    pdot(xb)
+                    epilogue(xb)
+                for x0 in range(max(n_t, 1) * xb, L, xb):  # 3. contour patches: zeros
+                    gi = _rows(x0, xb, L)
+                    g.loaded += 4 * gi
+                    g.stored += gi * kw * e
+                out.add(g, count)
+        # the flag; |P|, |N|, |K|, g, lam+-, W+-, |a+-|; perm (every cell's, for the stores); |f_x|, s(a+-, x)
+        out.hbm_read += flag + 12 + 12 + 16 + 8 + 4 * L + 4 * u + 8 * u + u * D * e + 2 * D * e
+        if t1:  # lam and W of P; Gc; the partial sums
+            out.hbm_read += 8 * p + e * p * ld + 4 * p * cdiv(u, cn) + 4 * u * cdiv(p, cm)
+    return out
+
+
+def k_coef_tiles() -> tuple[int, int]:
+    """(COEF_BM, COEF_BN): the coefficient pass's tiles, whose partial sums the backward adds."""
+    from ncl_fast.kernels import ncl_stored as k
+
+    return k.COEF_BM, k.COEF_BN
 
 
 def _k_pair_bwd(s: Shape) -> Launch | None:
@@ -823,6 +943,7 @@ KERNELS = (
     (_k_pair_fwd, ("ncl_bounded", "_ncl_pair_fwd_kernel")),
     (_k_anchor_fwd, ("ncl_anchors", "_ncl_anchor_fwd_kernel")),
     (_k_coef, ("ncl_stored", "_ncl_coef_kernel")),
+    (_k_grad_head, ("ncl_stored", "_ncl_grad_head_kernel")),
     (_k_grad, ("ncl_stored", "_ncl_grad_kernel")),
     (_k_pair_bwd, ("ncl_bounded", "_ncl_pair_bwd_kernel")),
     (_k_anchor_bwd, ("ncl_anchors", "_ncl_anchor_bwd_kernel")),

@@ -388,7 +388,7 @@ def _ncl_grad_kernel(
     B, L, Q, C, P_: tl.constexpr, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
     BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, PANEL: tl.constexpr, CM: tl.constexpr,
     CN: tl.constexpr, CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr,
-    IDX64: tl.constexpr, CHECK_STORED: tl.constexpr,
+    IDX64: tl.constexpr, CHECK_STORED: tl.constexpr, HEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # program order: row group (slowest), image, chunk of D (fastest); group r takes the
@@ -405,6 +405,9 @@ def _ncl_grad_kernel(
         if _is_stored(plan_ptr, b) == 0:
             return
     n_p = tl.load(counts_ptr + b * 3)
+    if HEAD > 0:  # the head kernel (_ncl_grad_head_kernel) does the images with |P| <= HEAD
+        if n_p <= HEAD:
+            return
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_used = n_p + n_n
     t1 = (n_p >= 2) & (n_n >= 1)
@@ -533,3 +536,216 @@ def _ncl_grad_kernel(
             if HALF_COEF:
                 _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx,
                               canon, kdmask, sa_ptr, L, D, eps, PRECISION)
+
+
+
+# Half coefficients, images with |P| <= GRAD_HEAD (`ncl_terms._grad_head`): one program per
+# (image, chunk of D) takes every listed patch of the chunk, in tiles of GRAD_HEAD / 2 rows,
+# so that the chunk's features are read once for both GEMMs and G once (instead of once per
+# row tile that holds tampered rows, and Gc and Gr both). It holds the tampered rows' sums
+# over all partners (two accumulators of GRAD_HEAD / 2 rows) and the tampered partners'
+# features (the column GEMM's whole K) across its tiles, and runs the tiles past the
+# tampered rows first, then the two tiles of rows [0, GRAD_HEAD) with the sums complete.
+GRAD_HEAD = 128
+GRAD_HEAD_BD = 128
+GRAD_HEAD_BD_SMALL = 64
+GRAD_HEAD_BD_GATHER = 32
+GRAD_HEAD_WARPS = 8
+GRAD_HEAD_STAGES = 1
+
+
+def grad_head_tiles(patch: int, channels_last: bool) -> dict:
+    """The head kernel's chunk of D and launch options: chunks of GRAD_HEAD_BD at p >= 8;
+    GRAD_HEAD_BD_GATHER at p = 1 in NCHW (a patch's values a channel apart: scalar gathers);
+    GRAD_HEAD_BD_SMALL otherwise (with 128, NCHW at p = 4 and channels_last at p = 1 spilled
+    8-100 B on sm_90)."""
+    if patch >= 8:
+        bd = GRAD_HEAD_BD
+    else:
+        bd = GRAD_HEAD_BD_GATHER if patch == 1 and not channels_last else GRAD_HEAD_BD_SMALL
+    return dict(HEAD=GRAD_HEAD, BD=bd, num_warps=GRAD_HEAD_WARPS, num_stages=GRAD_HEAD_STAGES)
+
+
+@triton.jit
+def _head_g(gc_b, ld, ms, pmask, rows):
+    """Gc[m, x] of the head's tampered rows m (ms: HEAD of them) and a tile of partners x (rows);
+    int32 offsets within the image's block (|P| ld8 <= g_cap, below 2^31: see `_g_cap`)."""
+    return tl.load(gc_b + ms[:, None] * ld + rows[None, :], mask=pmask[:, None] & (rows < ld)[None, :], other=0.0)
+
+
+@triton.jit
+def _head_col(g, fpan, nrm_ptr, b, L, rows, xmask, eps):
+    """A tile's column GEMM from its G: sum_m Gc[m, x] hat f_m max(|f_x|, eps) = sum_m G_mx /
+    max(|f_m|, eps) f_m (one [x, m] @ [m, D] product, K = HEAD)."""
+    col = tl.dot(tl.trans(g), fpan)
+    return col * tl.maximum(tl.load(nrm_ptr + b * L + rows, mask=xmask, other=1.0), eps)[:, None]
+
+
+@triton.jit
+def _head_pdot(t1, rows, n_p, n_used, b, rdot_ptr, cdot_ptr, L, n_cn, n_cm, XB: tl.constexpr, CM: tl.constexpr,
+               CN: tl.constexpr):
+    """sum_y T_xy s_xy / k1 of a tile: the coefficient pass's partial sums, in a fixed order
+    (loaded before the tile's GEMMs, when few values are held)."""
+    pdot = tl.zeros([XB], dtype=tl.float32)
+    if t1:
+        for j in range(0, tl.cdiv(n_used, CN)):
+            pdot += tl.load(rdot_ptr + (b * n_cn + j) * L + rows, mask=rows < n_p, other=0.0)
+        for j in range(0, tl.cdiv(n_p, CM)):
+            pdot += tl.load(cdot_ptr + (b * n_cm + j) * L + rows, mask=rows < n_used, other=0.0)
+    return pdot
+
+
+@triton.jit
+def _head_epilogue(
+    pair, pdot, t1, k1, fx, tx, n_p, n_used, b, td, kd, kdmask, d_canon, apart_ptr, adots_ptr, n_tx, D,
+    grad_ptr, perm_b, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr,
+    rdot_ptr, cdot_ptr, apos_ptr, aneg_ptr,
+    stride_gb, stride_gc, stride_gy, stride_gx, stride_ab, stride_ad, stride_nb, stride_nd,
+    L, Q, C, P_: tl.constexpr, n_cn, n_cm, inv_tau, eps,
+    XB: tl.constexpr, CM: tl.constexpr, CN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+):
+    """Tile tx's gradient from its pairs' sum and partial dot sums (without k1): the anchors'
+    share and the normalization's backward, stored; and its share of the anchors' sums, into
+    its entry tx (as the grouped kernel's tiles of XB rows)."""
+    rows = tx * XB + tl.arange(0, XB)
+    xmask = rows < n_used
+    x_is_p = rows < n_p
+    nrm_x, lse_x, w_x, k1_x, c_pos, c_neg, dot_x = _row_setup(
+        b, rows, xmask, x_is_p, counts_ptr, nrm_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, L,
+    )
+    grad = _grad_out(k1 * pair, dot_x + k1 * pdot, c_pos, c_neg, nrm_x, fx.to(tl.float32), b, kdmask, d_canon,
+                     apos_ptr, aneg_ptr, nrma_ptr, stride_ab, stride_ad, stride_nb, stride_nd, inv_tau, eps)
+    grad = tl.where(xmask[:, None], grad, 0.0)
+    _store_rows(grad_ptr + b * stride_gb, grad, perm_b, rows, rows < L, kd, kdmask,
+                C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)
+    # the anchors' sums over the tile, into its entry (the features it holds, in their half type)
+    _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx, d_canon,
+                  kdmask, sa_ptr, L, D, eps, "tf32")
+
+
+@triton.jit
+def _ncl_grad_head_kernel(
+    feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (uncovered cells are the caller's)
+    apos_ptr, aneg_ptr,
+    perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
+    gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
+    plan_ptr, g_ptr,  # Gc and Gr of each stored image (_ncl_coef_kernel, HALF_COEF); Gc only is read
+    rdot_ptr, cdot_ptr,  # the coefficient pass's partial sums (see _ncl_coef_kernel)
+    apart_ptr, adots_ptr,  # (B, n_tx, 2, D), (B, n_tx, 2) fp32 out: the anchors' sums per tile of HEAD / 2 rows
+    stride_fb, stride_fc, stride_fy, stride_fx,
+    stride_gb, stride_gc, stride_gy, stride_gx,
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
+    HEAD: tl.constexpr, BD: tl.constexpr, CM: tl.constexpr, CN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    IDX64: tl.constexpr, CHECK_STORED: tl.constexpr,
+):
+    """The stored backward of an image with |P| <= HEAD on one chunk of D (half
+    coefficients). For each tile x of HEAD / 2 listed patches: the tampered rows' sums
+    acc += Gc[P, x] @ f_x (K = every partner) and the tile's column GEMM from the tampered
+    features held by the program (`_head_cols`: G is read once, Gc alone), then its
+    epilogue; the tiles of rows [0, HEAD) (P first) come last and add acc. Patches past
+    the lists (contour) get zeros. The anchors' sums over every x go into entry 0 of the
+    image (`_ncl_anchor_grad_kernel` reads that one)."""
+    XB: tl.constexpr = HEAD // 2
+    pid = tl.program_id(0)
+    td = pid % n_td
+    b = (pid // n_td).to(tl.int64)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
+    if CHECK_STORED:  # both paths run in this batch: the bounded kernel does this image
+        if _is_stored(plan_ptr, b) == 0:
+            return
+    n_p = tl.load(counts_ptr + b * 3)
+    if n_p > HEAD:  # the grouped kernel (_ncl_grad_kernel) does this image
+        return
+    n_n = tl.load(counts_ptr + b * 3 + 1)
+    n_used = n_p + n_n
+    t1 = (n_p >= 2) & (n_n >= 1)
+    kd = td * BD + tl.arange(0, BD)
+    kdmask = kd < D
+    d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+    feat_b = feat_ptr + b * stride_fb
+    perm_b = perm_ptr + b * L
+    gc_b, gr_unused = _g_blocks(g_ptr, b, g_cap)
+    ld = _g_ld(n_used)
+    # the tampered rows and their features on the chunk (the column GEMM's K), as
+    # hat f_m = f_m / max(|f_m|, eps) rounded once to the features' type
+    ms = tl.arange(0, HEAD)
+    pmask = (ms < n_p) & t1
+    fpan = tl.load(feat_b + _patch_offsets(perm_b, ms, pmask, Q, P_, stride_fy, stride_fx)[:, None] + d_off[None, :],
+                   mask=pmask[:, None] & kdmask[None, :], other=0.0)
+    rn_m = 1.0 / tl.maximum(tl.load(nrm_ptr + b * L + ms, mask=pmask, other=1.0), eps)
+    fpan = (fpan.to(tl.float32) * rn_m[:, None]).to(fpan.dtype)
+    n_pf = n_p.to(tl.float32)
+    k1 = tl.load(gout_ptr + b * 3) / tl.maximum(n_pf * (n_pf - 1.0), 1.0)
+    acc = tl.zeros([HEAD, BD], dtype=tl.float32)  # the tampered rows' sums over every partner
+    n_t = tl.cdiv(n_used, XB)
+    # 1. the tiles past the head's rows (authentic patches only), the last first
+    for i in range(0, n_t - 2):
+        x0 = (n_t - 1 - i) * XB
+        rows = x0 + tl.arange(0, XB)
+        xmask = rows < n_used
+        # the chunk's offsets formed again per tile, from a value of the tile (so that they are not
+        # hoisted and held across the loop)
+        td_t = tl.where(x0 >= 0, td, 0)
+        kd = td_t * BD + tl.arange(0, BD)
+        kdmask = kd < D
+        d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+        pdot = _head_pdot(t1, rows, n_p, n_used, b, rdot_ptr, cdot_ptr, L, n_cn, n_cm, XB, CM, CN)
+        fx = tl.load(feat_b + _patch_offsets(perm_b, rows, xmask, Q, P_, stride_fy, stride_fx)[:, None]
+                     + d_off[None, :], mask=xmask[:, None] & kdmask[None, :], other=0.0)
+        g = _head_g(gc_b, ld, ms, pmask, rows)
+        acc = tl.dot(g, fx, acc)
+        col = _head_col(g, fpan, nrm_ptr, b, L, rows, xmask, eps)
+        _head_epilogue(
+            col, pdot, t1, k1, fx, x0 // XB, n_p, n_used, b, td, kd, kdmask, canon, apart_ptr, adots_ptr, n_tx, D,
+            grad_ptr, perm_b, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr,
+            rdot_ptr, cdot_ptr, apos_ptr, aneg_ptr, stride_gb, stride_gc, stride_gy, stride_gx,
+            stride_ab, stride_ad, stride_nb, stride_nd, L, Q, C, P_, n_cn, n_cm, inv_tau, eps, XB, CM, CN,
+            CHANNELS_LAST)
+    # 2. the head's rows: tile 1 ([XB, HEAD)) adds its share of the sums, then tile 0 ([0, XB))
+    #    adds its share and takes its gradient (rows [0, XB) of the sums), then tile 1 its
+    #    gradient (rows [XB, HEAD); its G and features loaded again: fewer values held at once)
+    # (the chunk's offsets formed again, from a value of the loop: not held across it)
+    td_h = tl.where(n_t >= 0, td, 0)
+    kd = td_h * BD + tl.arange(0, BD)
+    kdmask = kd < D
+    d_off, canon = _d_offsets(kd, C, P_, stride_fc, stride_fy, stride_fx, CHANNELS_LAST)
+    rows1 = XB + tl.arange(0, XB)
+    rows0 = tl.arange(0, XB)
+    x1mask = rows1 < n_used
+    x0mask = rows0 < n_used
+    fx = tl.load(feat_b + _patch_offsets(perm_b, rows1, x1mask, Q, P_, stride_fy, stride_fx)[:, None]
+                 + d_off[None, :], mask=x1mask[:, None] & kdmask[None, :], other=0.0)
+    acc = tl.dot(_head_g(gc_b, ld, ms, pmask, rows1), fx, acc)
+    fx = tl.load(feat_b + _patch_offsets(perm_b, rows0, x0mask, Q, P_, stride_fy, stride_fx)[:, None]
+                 + d_off[None, :], mask=x0mask[:, None] & kdmask[None, :], other=0.0)
+    g = _head_g(gc_b, ld, ms, pmask, rows0)
+    acc = tl.dot(g, fx, acc)
+    col = _head_col(g, fpan, nrm_ptr, b, L, rows0, x0mask, eps)
+    # the sums' rows [0, XB) and [XB, HEAD)
+    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (2, XB, BD)), (1, 2, 0)))
+    _head_epilogue(
+        col + acc0, _head_pdot(t1, rows0, n_p, n_used, b, rdot_ptr, cdot_ptr, L, n_cn, n_cm, XB, CM, CN), t1, k1, fx,
+        0, n_p, n_used, b, td, kd, kdmask, canon, apart_ptr, adots_ptr, n_tx, D,
+        grad_ptr, perm_b, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr,
+        rdot_ptr, cdot_ptr, apos_ptr, aneg_ptr, stride_gb, stride_gc, stride_gy, stride_gx,
+        stride_ab, stride_ad, stride_nb, stride_nd, L, Q, C, P_, n_cn, n_cm, inv_tau, eps, XB, CM, CN, CHANNELS_LAST)
+    if n_used > XB:  # (else the tile holds contour patches only: zeros below)
+        fx = tl.load(feat_b + _patch_offsets(perm_b, rows1, x1mask, Q, P_, stride_fy, stride_fx)[:, None]
+                     + d_off[None, :], mask=x1mask[:, None] & kdmask[None, :], other=0.0)
+        col = acc1 + _head_col(_head_g(gc_b, ld, ms, pmask, rows1), fpan, nrm_ptr, b, L, rows1, x1mask, eps)
+        _head_epilogue(
+            col, _head_pdot(t1, rows1, n_p, n_used, b, rdot_ptr, cdot_ptr, L, n_cn, n_cm, XB, CM, CN), t1, k1, fx, 1,
+            n_p, n_used, b, td, kd, kdmask, canon, apart_ptr, adots_ptr, n_tx, D,
+            grad_ptr, perm_b, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr,
+            rdot_ptr, cdot_ptr, apos_ptr, aneg_ptr, stride_gb, stride_gc, stride_gy, stride_gx,
+            stride_ab, stride_ad, stride_nb, stride_nd, L, Q, C, P_, n_cn, n_cm, inv_tau, eps, XB, CM, CN,
+            CHANNELS_LAST)
+    # 3. contour patches (past the lists): zeros
+    for x0 in range(tl.maximum(n_t, 1) * XB, L, XB):
+        rows = x0 + tl.arange(0, XB)
+        _store_rows(grad_ptr + b * stride_gb, tl.zeros([XB, BD], dtype=tl.float32), perm_b, rows, rows < L, kd,
+                    kdmask, C, Q, P_, stride_gc, stride_gy, stride_gx, CHANNELS_LAST)

@@ -61,8 +61,8 @@ from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOU
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
 from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, GRAD_PANEL, ROWS_BC, ROWS_BM, ROWS_PER_SM, SIM_BK_F32,
                          SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS, SIM_STAGES,
-                         SIM_STAGES_IEEE, SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_kernel,
-                         _ncl_rows_kernel, _ncl_sim_kernel, grad_tiles)
+                         SIM_STAGES_IEEE, SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_head_kernel,
+                         _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel, grad_head_tiles, grad_tiles)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
@@ -112,6 +112,17 @@ def _grad_panel(device: torch.device) -> int:
     """The grad kernel's panel for `device` (0: one row tile a program, no panel)."""
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else PANEL_CAPABILITY
     return GRAD_PANEL if major in GRAD_PANEL_MAJORS else 0
+
+
+#: Compute capabilities (majors) whose backward runs the head kernel
+#: (ncl_stored._ncl_grad_head_kernel) for the images with |P| <= GRAD_HEAD (half
+#: coefficients): sm_90. Off a GPU, as on a device of major PANEL_CAPABILITY.
+GRAD_HEAD_MAJORS = (9,)
+
+
+def _grad_head(device: torch.device) -> bool:
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else PANEL_CAPABILITY
+    return major in GRAD_HEAD_MAJORS
 
 
 def fp32_precision() -> str:
@@ -399,17 +410,31 @@ def ncl_terms_bwd(
             )
             # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
             # (no panel with 64-bit offsets: there the grouped kernel spills on sm_90, 12-60 B)
-            tiles = grad_tiles(up, half, patch == 1 and not cl, 0 if wide else _grad_panel(feat.device))
+            # images with |P| <= GRAD_HEAD take the head kernel where it runs (half coefficients, sm_90):
+            # then the grouped kernel's panel (for |P| <= GRAD_PANEL) has no image, and is left out
+            head = grad_head_tiles(patch, cl) if half and not wide and _grad_head(feat.device) else None
+            panel = 0 if wide or head is not None else _grad_panel(feat.device)
+            tiles = grad_tiles(up, half, patch == 1 and not cl, panel)
             n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
             n_grp = triton.cdiv(n_tx_s, tiles["GROUP"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)
             spart = torch.empty(B, n_tx_s, 2, D, dtype=torch.float32, device=feat.device)
             sdots = torch.empty(B, n_tx_s, 2, dtype=torch.float32, device=feat.device)
+            # the head kernel: one program per (image, chunk of D); the grouped kernel's programs of
+            # its images return at once
+            if head is not None:
+                assert head["HEAD"] == 2 * tiles["BX"]  # its tiles write the anchors' sums of the grouped kernel's
+                n_td_h = triton.cdiv(D, head["BD"])
+                _ncl_grad_head_kernel[(_grid_check(B * n_td_h, "the backward"),)](
+                    feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
+                    *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_td_h, n_cn, n_cm, g_cap, inv_tau, EPS,
+                    CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl, IDX64=wide, CHECK_STORED=bounded_any, **head,
+                )
             _ncl_grad_kernel[(_grid_check(n_grp * B * n_td, "the backward"),)](
                 feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
                 *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, EPS,
                 CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl, PRECISION=precision if up else "tf32", HALF_COEF=half,
-                IDX64=wide, CHECK_STORED=bounded_any, **tiles,
+                IDX64=wide, CHECK_STORED=bounded_any, HEAD=0 if head is None else head["HEAD"], **tiles,
             )
         if bounded_any:
             bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D

@@ -662,20 +662,34 @@ def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
         assert splits[0] == 1, splits
 
 
-@pytest.mark.parametrize("capability,sim_bn", [(9, None), (8, None), (9, 128)],
-                         ids=["sm90-panel", "sm80-no-panel", "sim-bn-128"])
-def test_half_coefficients_path(capability, sim_bn, gen, monkeypatch):
+class _Launches:
+    """Records the grids of a Triton kernel's launches, and launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("capability,head,sim_bn", [(9, True, None), (9, False, None), (8, False, None),
+                                                     (9, True, 128)],
+                         ids=["sm90-head", "sm90-panel", "sm80-no-panel", "sim-bn-128"])
+def test_half_coefficients_path(capability, head, sim_bn, gen, monkeypatch):
     # The backward's coefficients in the features' half type (bf16 on a GPU; run here with
     # fp16, whose tensor-core dots the interpreter computes as the GPU does): Gc and Gr,
     # written by the coefficient pass already scaled by the partners' 1/|f|. Several row
     # tiles (|P| > 64, L = 289) and chunks of D (D = 132 > 128, the half path's chunk).
-    # "sm90-panel": the grad kernel as on sm_90 (GRAD_PANEL): each program takes several
-    # row tiles (5 tiles of 64, 4 a group: n_grp = 2, groups of 3 and 2 tiles, the rest past
-    # the map), and the column GEMM runs from the panel of tampered features (|P| = 90 <=
-    # PANEL) in one image and streams them (|P| = 150 > PANEL) in the other; "sm80-no-panel":
-    # as on sm_80, one row tile a program, every partner streamed. "sim-bn-128":
-    # the similarity GEMM's candidate of 128 columns per item (|P| + |N| = 250: two
-    # column tiles, the second partly padding).
+    # "sm90-head": as on sm_90, the image with |P| = 90 <= GRAD_HEAD takes the head kernel,
+    # the one with |P| = 150 the grouped kernel, one row tile a program (no panel: it would
+    # serve no image); "sm90-panel": the head kernel left out (GRAD_HEAD_MAJORS empty), the
+    # grouped kernel takes several row tiles a program (5 tiles of 64, 4 a group: n_grp = 2,
+    # groups of 3 and 2 tiles, the rest past the map), and the column GEMM runs from the
+    # panel of tampered features (|P| = 90 <= PANEL) in one image and streams them (|P| =
+    # 150 > PANEL) in the other; "sm80-no-panel": as on sm_80, one row tile a program, every
+    # partner streamed. "sim-bn-128": the similarity GEMM's candidate of 128 columns per
+    # item (|P| + |N| = 250: two column tiles, the second partly padding).
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_stored as ks
     from ncl_fast.kernels import ncl_terms as k
@@ -683,8 +697,11 @@ def test_half_coefficients_path(capability, sim_bn, gen, monkeypatch):
     monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
     monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
     monkeypatch.setattr(k, "PANEL_CAPABILITY", capability)
-    panel = k._grad_panel(torch.device("cpu"))
-    assert (panel > 0) == (capability == 9)
+    if not head:
+        monkeypatch.setattr(k, "GRAD_HEAD_MAJORS", ())
+    assert k._grad_head(torch.device("cpu")) == head
+    panel = 0 if head else k._grad_panel(torch.device("cpu"))
+    assert (panel > 0) == (capability == 9 and not head)
     if sim_bn:
         monkeypatch.setattr(k, "SIM_BN", sim_bn)
     assert k._sim_tiles(False)[1] == (sim_bn or 64)
@@ -694,51 +711,111 @@ def test_half_coefficients_path(capability, sim_bn, gen, monkeypatch):
     assert 132 > tiles["BD"] and 70 > tiles["BX"]
     if panel:
         assert 1 < tiles["GROUP"] < -(-289 // tiles["BX"]) and 90 <= tiles["PANEL"] < 150
+    if head:
+        assert 90 <= ks.grad_head_tiles(2, False)["HEAD"] < 150
     feat, _, a_pos, a_neg = make_case(shape, "blobs", gen, dtype=torch.float16)
     labels = torch.stack([
         torch.tensor([1] * p_ + [0] * (250 - p_) + [2] * 39, dtype=torch.uint8)[torch.randperm(289, generator=gen)]
         for p_ in (150, 90)
     ])
     grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    launches = _Launches(k._ncl_grad_head_kernel)
+    monkeypatch.setattr(k, "_ncl_grad_head_kernel", launches)
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
+    assert len(launches.grids) == int(head)
     _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, 2, 0.1, grad_out)
     check_grads(grads, want, torch.float16)
 
 
-@pytest.mark.parametrize("major,panel", [(9, True), (8, False), (10, False), (12, False)])
-def test_grad_panel_is_chosen_by_the_devices_architecture(major, panel, monkeypatch):
-    # The grad kernel's row groups and panel fit two blocks per SM within 128 registers on
-    # sm_90 only (they spill on sm_80): the op asks the device, and off a GPU follows
-    # PANEL_CAPABILITY (the interpreter and the kernel report).
+@pytest.mark.parametrize("patch,layout,channels", [(2, "contiguous", 33), (1, "contiguous", 40),
+                                                   (8, "channels_last", 3), (2, "channels_last", 33)],
+                         ids=["p2-nchw", "p1-nchw", "p8-cl", "p2-cl"])
+def test_head_kernel_values(patch, layout, channels, gen, monkeypatch):
+    # The head kernel (sm_90, half coefficients; fp16 here) on every kind of image it takes,
+    # beside one it leaves to the grouped kernel, at each of its chunks of D (p >= 8: 128,
+    # p = 1 in NCHW: 32, else 64; D = 192, 40, 132: several chunks, the last partial).
+    # L = 289 patches. |P| = 90: tampered rows in both head tiles, tail tiles past them;
+    # |P| = 128: the head full; |P| = 40 with |N| = 20: one tile of listed patches (the
+    # second head tile holds none), contour patches from row 64; |P| = 1: t1 undefined
+    # (its products run on zeros); no listed patch; |P| = 150 > GRAD_HEAD: the grouped kernel;
+    # |P| + |N| = 100: both head tiles hold listed patches, no tile past them.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_stored as ks
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
+    monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
+    monkeypatch.setattr(k, "PANEL_CAPABILITY", 9)
+    assert k._grad_head(torch.device("cpu"))
+    tiles = ks.grad_head_tiles(patch, layout == "channels_last")
+    D = channels * patch * patch
+    assert D > tiles["BD"] and D % tiles["BD"], (D, tiles)
+    assert tiles["BD"] == (128 if patch >= 8 else 32 if patch == 1 and layout == "contiguous" else 64)
+    side = 17 * patch
+    feat, _, a_pos, a_neg = make_case((7, channels, side, side, patch), "blobs", gen, dtype=torch.float16)
+    if layout == "channels_last":
+        feat = feat.to(memory_format=torch.channels_last)
+    sizes = [(90, 160), (128, 100), (40, 20), (1, 200), (0, 0), (150, 100), (70, 30)]  # (|P|, |N|), the rest contour
+    labels = torch.stack([
+        torch.tensor([1] * p_ + [0] * n_ + [2] * (289 - p_ - n_), dtype=torch.uint8)[torch.randperm(289, generator=gen)]
+        for p_, n_ in sizes
+    ])
+    tau = float(torch.empty(()).uniform_(0.07, 0.2, generator=gen))
+    grad_out = torch.rand(7, 3, generator=gen) + 0.5
+    launches = _Launches(k._ncl_grad_head_kernel)
+    monkeypatch.setattr(k, "_ncl_grad_head_kernel", launches)
+    _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, patch, tau, grad_out)
+    assert launches.grids == [(7 * -(-D // tiles["BD"]),)]
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, patch, tau, grad_out)
+    assert all(torch.isfinite(g).all() for g in grads)
+    check_grads(grads, want, torch.float16)
+
+
+@pytest.mark.parametrize("major,sm90", [(9, True), (8, False), (10, False), (12, False)])
+def test_head_kernel_and_panel_are_chosen_by_the_devices_architecture(major, sm90, monkeypatch):
+    # The head kernel (one block per SM at 255 registers) and the grouped kernel's row groups
+    # and panel (two blocks per SM within 128 registers; they spill on sm_80) are compiled
+    # for sm_90: the op asks the device, and off a GPU follows PANEL_CAPABILITY (the
+    # interpreter and the kernel report).
     from ncl_fast.kernels import ncl_terms as k
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
-    assert k._grad_panel(torch.device("cuda", 0)) == (k.GRAD_PANEL if panel else 0)
+    assert k._grad_panel(torch.device("cuda", 0)) == (k.GRAD_PANEL if sm90 else 0)
+    assert k._grad_head(torch.device("cuda", 0)) == sm90
     assert k.GRAD_PANEL > 0
     monkeypatch.setattr(k, "PANEL_CAPABILITY", major)
-    assert k._grad_panel(torch.device("cpu")) == (k.GRAD_PANEL if panel else 0)
+    assert k._grad_panel(torch.device("cpu")) == (k.GRAD_PANEL if sm90 else 0)
+    assert k._grad_head(torch.device("cpu")) == sm90
 
 
+@pytest.mark.parametrize("head", [True, False], ids=["head", "panel"])
 @pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
-def test_grad_panel_is_left_out_with_64_bit_offsets(wide, gen, monkeypatch):
-    # With 64-bit offsets the grouped kernel spills on sm_90 (12-60 B): the op launches one
-    # row tile a program there, and the values stay those of the panel's launch.
+def test_head_kernel_and_panel_are_left_out_with_64_bit_offsets(wide, head, gen, monkeypatch):
+    # With 64-bit offsets the head kernel and the grouped kernel's groups are not compiled
+    # (they would spill on sm_90): the op launches the grouped kernel, one row tile a
+    # program, and the values stay those of the 32-bit launch. Where the head kernel runs,
+    # the panel serves no image and is left out too.
     require_backend("triton", "ncl_terms")
     from ncl_fast.kernels import ncl_terms as k
     from ncl_fast.kernels import patch_labels as kl
 
     monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS["stored"])
     monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
+    if not head:
+        monkeypatch.setattr(k, "GRAD_HEAD_MAJORS", ())
     feat, labels, a_pos, a_neg = make_case((2, 5, 20, 20, 2), "blobs", gen, dtype=torch.float16)
     grad_out = torch.rand(2, 3, generator=gen) + 0.5
     _, want = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
     panels = []
     grad_tiles = k.grad_tiles
     monkeypatch.setattr(k, "grad_tiles", lambda *a: panels.append(a[3]) or grad_tiles(*a))
+    launches = _Launches(k._ncl_grad_head_kernel)
+    monkeypatch.setattr(k, "_ncl_grad_head_kernel", launches)
     if wide:
         monkeypatch.setattr(kl, "INT32_SPAN", 0)
     _, got = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
-    assert panels == [0 if wide else k.GRAD_PANEL]
+    assert panels == [0 if wide or head else k.GRAD_PANEL]
+    assert len(launches.grids) == int(head and not wide)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
 

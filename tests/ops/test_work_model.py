@@ -114,22 +114,29 @@ SIZES = [(40, 150, 66), (90, 100, 66), (1, 200, 55), (70, 186, 0)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,dtype,precision,sms,half_coef,panel,group", [
-    ("stored", torch.float32, "tf32x3", 16, False, 0, 4),
-    ("bounded", torch.float32, "tf32x3", 2, False, 0, 4),
-    ("mixed", torch.float32, "ieee", 2, False, 0, 4),
-    ("mixed", torch.float16, "tf32x3", 16, False, 0, 4),
+@pytest.mark.parametrize("path,dtype,precision,sms,half_coef,panel,group,head", [
+    ("stored", torch.float32, "tf32x3", 16, False, 0, 4, 0),
+    ("bounded", torch.float32, "tf32x3", 2, False, 0, 4, 0),
+    ("mixed", torch.float32, "ieee", 2, False, 0, 4, 0),
+    ("mixed", torch.float16, "tf32x3", 16, False, 0, 4, 0),
     # the half coefficients Gc, Gr (bf16 on a GPU; fp16 here, whose dots the interpreter
     # runs as the GPU does); 4 SMs: the half similarity GEMM's larger items split D for
     # some images only
-    ("stored", torch.float16, "tf32x3", 4, True, 0, 4),
+    ("stored", torch.float16, "tf32x3", 4, True, 0, 4, 0),
     # the grad kernel's grouped row tiles with a panel of 64 tampered partners: |P| = 40 on
     # the panel, 90 and 70 streamed; groups of 4 tiles (one group an image), and of 1 (image
     # 0's last tile, contour patches only, makes a group that loads no panel)
-    ("stored", torch.float16, "tf32x3", 4, True, 64, 4),
-    ("stored", torch.float16, "tf32x3", 4, True, 64, 1),
+    ("stored", torch.float16, "tf32x3", 4, True, 64, 4, 0),
+    ("stored", torch.float16, "tf32x3", 4, True, 64, 1, 0),
+    # the head kernel (as on sm_90): every image (|P| <= 128, |P| = 1 among them: products on
+    # zeros), or of 64 rows (the grouped kernel's tiles of 32) |P| = 40 and 1, the grouped
+    # kernel 90 and 70; with both paths, the head kernel's programs of a bounded image
+    ("stored", torch.float16, "tf32x3", 4, True, 0, 4, 128),
+    ("stored", torch.float16, "tf32x3", 4, True, 0, 4, 64),
+    ("mixed", torch.float16, "tf32x3", 2, True, 0, 4, 128),
 ])
-def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, panel, group, gen, monkeypatch):
+def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, panel, group, head, gen,
+                                        monkeypatch):
     require_backend("triton", "ncl_terms")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("counts what Triton's interpreter executes")
@@ -159,13 +166,18 @@ def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, 
         monkeypatch.setattr(k, "HALF_COEF_DTYPES", (dtype,))
     monkeypatch.setattr(k, "GRAD_PANEL", panel)
     monkeypatch.setattr(ks, "GRAD_GROUP", group)
+    if head:  # its tiles are the grouped kernel's row tiles
+        monkeypatch.setattr(ks, "GRAD_HEAD", head)
+        monkeypatch.setattr(ks, "GRAD_BX", head // 2)
+    else:
+        monkeypatch.setattr(k, "GRAD_HEAD_MAJORS", ())
     assert k._half_coef(torch.empty(0, dtype=dtype)) == half_coef
     counter = WorkCounter(monkeypatch)
     functional.ncl_terms(feat, labels, a_pos, a_neg, PATCH, impl="triton").sum().backward()
     half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "")
-    model = {x.kernel: x for x in work_model.ncl_work(SIZES, L, D, feat.element_size(), precision, sms=sms, dtype=half)
-             if x.kernel.startswith("_")}
-    shape = work_model.Shape(SIZES, L, D, feat.element_size(), precision, sms=sms, dtype=half)
+    model = {x.kernel: x for x in work_model.ncl_work(SIZES, L, D, feat.element_size(), precision, sms=sms, dtype=half,
+                                                      patch=PATCH) if x.kernel.startswith("_")}
+    shape = work_model.Shape(SIZES, L, D, feat.element_size(), precision, sms=sms, dtype=half, patch=PATCH)
     stored = [x[3] and x[4] for x in shape.images()]
     # split-K where the grid is wide and the slots hold the parts: images of one and of several
     splits = [shape.splits(p, n) for (p, n, u, t1, st) in shape.images() if t1 and st]
@@ -188,9 +200,11 @@ def test_work_model_matches_the_kernels(path, dtype, precision, sms, half_coef, 
                 "sfu": x.sfu, "loaded": x.loaded, "hbm_read": x.hbm_read, "stored": x.stored}
         assert got == want, name
     # the half path's dots are the similarities' (16-bit operands); the backward's (its
-    # GEMMs and the anchors' sums) are fp32, or half with half coefficients
+    # GEMMs and the anchors' sums) are fp32, or half with half coefficients (the bounded
+    # path's backward keeps fp32 coefficients)
     classes = {c for x in model.values() for c in x.macs}
-    assert classes == ({precision} if dtype == torch.float32 else {"half"} if half_coef else {"half", "tf32"})
+    assert classes == ({precision} if dtype == torch.float32 else {"half"} if half_coef and path == "stored"
+                       else {"half", "tf32"})
     assert shape.half_coef == half_coef
 
 
