@@ -227,7 +227,9 @@ STAGES = {"stage 1": (64, 256, 8), "stage 2": (256, 128, 4), "vit-b": (768, 32, 
 #: Input dtypes, with the fp32 dot precision where it is not the default (`dtype:precision`):
 #: float32 runs tf32x3 (NCL_FAST_FP32_DOT_PRECISION's default), float32:ieee plain FFMA.
 DTYPES = ("float32", "float32:ieee", "bfloat16", "float16")
-LAYOUTS = ("contiguous", "channels_last")
+#: Layouts, each with 32-bit offsets and with 64-bit ones ("+int64": the launches as the op makes
+#: them for a map whose image spans past 2^31 elements, e.g. a permuted (C, B, h, w) buffer)
+LAYOUTS = ("contiguous", "channels_last", "contiguous+int64", "channels_last+int64")
 #: The variants the report covers unless told otherwise: every p (8, 4, 1), precision and layout.
 DEFAULT_STAGES = tuple(STAGES)
 #: A representative subset (`--subset`; tests/system/test_kernel_report.py): every kernel, every
@@ -241,6 +243,9 @@ SUBSET = (
     ("vit-b", "float32:ieee", "contiguous"),
     ("vit-b", "float32", "contiguous"),
     ("vit-b", "bfloat16", "contiguous"),
+    ("vit-b", "float16", "contiguous+int64"),
+    ("stage 2", "bfloat16", "contiguous+int64"),
+    ("stage 1", "float32:ieee", "channels_last+int64"),
 )
 
 
@@ -250,6 +255,13 @@ def record_ncl_launches(stage: str, dtype: torch.dtype, layout: str, B: int = 4,
     from ncl_fast.kernels import ncl_terms as kn
     from ncl_fast.kernels import patch_labels as kl
 
+    if layout.endswith("+int64"):  # every launch with 64-bit offsets
+        saved = kn.needs_64bit_offsets, kl.INT32_SPAN
+        kn.needs_64bit_offsets, kl.INT32_SPAN = (lambda *tensors: True), 0
+        try:
+            return record_ncl_launches(stage, dtype, layout.removesuffix("+int64"), B, precision)
+        finally:
+            kn.needs_64bit_offsets, kl.INT32_SPAN = saved
     if precision:
         default, kn.FP32_DOT_PRECISION = kn.FP32_DOT_PRECISION, precision
         try:

@@ -214,7 +214,7 @@ class Shape:
     slot: int | None = None  # fp32 values of workspace per image (default: the op's)
     sms: int = SMS
     dtype: str = ""
-    patch: int = 16  # side of a patch (the half similarity GEMM's K chunk at p = 1)
+    patch: int = 8  # side of a patch in cells (default stage 1's): gathers at p = 1, the head kernel's chunk
     channels_last: bool = False
 
     def __post_init__(self):
@@ -964,7 +964,7 @@ def _exists(kernel) -> bool:
 
 
 def ncl_work(counts, L: int, D: int, esize: int, precision: str = "tf32x3", slot: int | None = None,
-             sms: int = SMS, dtype: str = "", patch: int = 16) -> list[Launch]:
+             sms: int = SMS, dtype: str = "", patch: int = 8) -> list[Launch]:
     """Every launch of one NCL forward + backward. `counts[b] = (|P|, |N|, |K|)`; `slot`: fp32
     values of workspace per image (default the op's `workspace_slot(L)`); `sms`: the
     multiprocessors the persistent grids are sized for; `dtype`: "fp16" for fp16 features
@@ -1032,9 +1032,12 @@ def report(counts, L, D, esize, precision="tf32x3", slot=None) -> str:
 
 #: (L, D) at 512 x 512 px: the paper's ResNet stages (SPEC.md section 1: 16-pixel windows;
 #: stages 1, 2 and 4 share L = 1024 and D = 4096) and a ViT-B token map
-STAGES = {"stages 1, 2, 4": (1024, 4096), "stage 3": (1024, 2048), "stage 5": (1024, 8192), "vit-b": (1024, 768)}
-#: a ViT's token map holds one token per patch (p = 1); the ResNet stages more cells
-STAGE_PATCH = {"vit-b": 1}
+STAGES = {"stage 1": (1024, 4096), "stages 2, 4": (1024, 4096), "stage 3": (1024, 2048), "stage 5": (1024, 8192),
+          "vit-b": (1024, 768)}
+#: the patch's side in cells of each map (SPEC.md section 1: stage 1 at s = 2, p = 8; stage 2
+#: at s = 4, p = 4; stages 3-5 at s = 8, p = 2); a ViT's token map holds one token per patch.
+#: It decides the chunks of D of the head kernel (128 at p >= 8, else 64) and the gathers at p = 1
+STAGE_PATCH = {"stage 1": 8, "stages 2, 4": 4, "stage 3": 2, "stage 5": 2, "vit-b": 1}
 #: [|P|, |N|, |K|] per image at L = 1024: 15 % and 30 % tampered area (issue 18's shapes)
 MASKS = ((93, 877, 54), (300, 650, 74))
 #: issue 18's targets for predicted / floor (forward + backward, launches excluded)
@@ -1048,7 +1051,7 @@ def stage_table(B: int = 4) -> str:
     for stage, (L, D) in STAGES.items():
         for dname, esize, prec in DTYPES:
             for c in MASKS:
-                launches = ncl_work([c] * B, L, D, esize, prec, patch=STAGE_PATCH.get(stage, 16))
+                launches = ncl_work([c] * B, L, D, esize, prec, patch=STAGE_PATCH[stage])
                 sm = summary(launches, [c] * B, L, D, esize)
                 top = max(launches, key=Launch.time)
                 lines.append(f"| {stage} | {L} | {D} | {dname} | {list(c)} | {sm['fwd_s'] * 1e6:.1f} | "

@@ -26,10 +26,11 @@ STATS_BK = 512
 # 1024 fp32 values (8 per thread: two 128-bit stores) spread over its programs.
 STATS_ZB = 1024
 # Anchors' backward: the patch list in 4 splits x chunks of D (both anchors per program);
-# the sums added up in chunks of 256 values of D (B x D / 256 programs: each reads its
-# chunk of every row tile's sums).
+# the sums added up in chunks of 128 values of D (B x D / 128 programs: each reads its
+# chunk of every row tile's sums; with 256, 64 programs at stage 1 left half the SMs idle
+# and bound the launch by its longest program).
 ANCHOR_SPLITS = 4
-ANCHOR_GRAD_BLOCK = 256
+ANCHOR_GRAD_BLOCK = 128
 
 
 @triton.jit

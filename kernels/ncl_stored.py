@@ -29,14 +29,19 @@ Backward:
   half coefficients (bf16 features) it writes G already scaled and rounded, twice:
   Gc_my = G_my / |f_y| and Gr_my = G_my / |f_m| in the features' half type;
 * `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D) (on sm_90 with
-  half coefficients, per GRAD_GROUP row tiles, sharing one load of the tampered
-  partners' features on the chunk: GRAD_PANEL): the two plain GEMMs of the floor,
+  half coefficients and the head kernel off, per GRAD_GROUP row tiles, sharing one load
+  of the tampered partners' features on the chunk: GRAD_PANEL): the two plain GEMMs of the floor,
   G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
   loops only load and multiply (Gc's rows and Gr's columns with the features; fp32
   G is scaled by 1/|f| in the loop); then the anchors' share and the normalization's
   backward. Programs are ordered row tile first, so that the tiles of tampered rows
   (the longest: K = 2|P| + |N| against |P|) start first (at the paper's shapes the
-  longest program stays well inside the launch's L2-bound time: no balancing).
+  longest program stays well inside the launch's L2-bound time: no balancing);
+* `_ncl_grad_head_kernel` (sm_90, half coefficients, images with |P| <= GRAD_HEAD, in
+  place of `_ncl_grad_kernel` for them): one program per (image, chunk of D) over all
+  of the image's patches, so that the chunk's features are read once for both GEMMs and
+  G once (see GRAD_HEAD); balanced by construction (every program the same work for
+  alike images).
 
 Work: one pass over the P x (P+N) block forward, two GEMMs backward.
 """
@@ -107,7 +112,8 @@ GRAD_BY_F32 = 8
 GRAD_WARPS_F32 = 4
 GRAD_STAGES_F32 = 1
 GRAD_BY_F16 = 16
-# Half coefficients on sm_90 (`ncl_terms._grad_panel`): each program takes GRAD_GROUP row
+# Half coefficients on sm_90 with the head kernel off (`ncl_terms._grad_panel`, `GRAD_HEAD_MAJORS
+# = ()`; with it on, the images that a panel would serve take the head kernel): each program takes GRAD_GROUP row
 # tiles (r, r + n_grp, ...) of one chunk of D and holds the tampered partners' features on
 # that chunk (up to GRAD_PANEL of them: the column GEMM's whole K, 32 KiB of shared memory,
 # loaded once for the group) instead of every row tile re-reading them: at [93, 877, 54]
@@ -118,14 +124,15 @@ GRAD_GROUP = 4
 GRAD_PANEL = 128
 
 
-def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0) -> dict:
+def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0, wide: bool = False) -> dict:
     """The grad kernel's tile sizes and launch options: `up` for fp32 operands (fp32
     features), `half_coef` for coefficients in the features' half type (bf16), `gather`
     where a patch's values are a channel apart (p = 1, NCHW); `panel` > 0 (half
     coefficients only): GRAD_GROUP row tiles a program and a panel of up to `panel`
-    tampered partners (see GRAD_PANEL)."""
+    tampered partners (see GRAD_PANEL); `wide`: 64-bit offsets (half coefficients: the
+    gathers' chunk of D, as 128 spilled 8-32 B at p = 4 in NCHW)."""
     if half_coef:
-        bd = GRAD_BD_GATHER if gather else GRAD_BD
+        bd = GRAD_BD_GATHER if gather or wide else GRAD_BD
         if panel:
             return dict(BX=GRAD_BX, BY=GRAD_BY, BD=bd, GROUP=GRAD_GROUP, PANEL=panel, num_warps=GRAD_WARPS,
                         num_stages=GRAD_STAGES, maxnreg=GRAD_MAXNREG)

@@ -116,11 +116,14 @@ def _grad_panel(device: torch.device) -> int:
 
 #: Compute capabilities (majors) whose backward runs the head kernel
 #: (ncl_stored._ncl_grad_head_kernel) for the images with |P| <= GRAD_HEAD (half
-#: coefficients): sm_90. Off a GPU, as on a device of major PANEL_CAPABILITY.
+#: coefficients): sm_90, where it compiles without a spill at one block per SM (wgmma);
+#: not compiled for sm_80. Where it runs, the grouped kernel's panel is left out (it would
+#: serve no image). Off a GPU, as on a device of major PANEL_CAPABILITY.
 GRAD_HEAD_MAJORS = (9,)
 
 
 def _grad_head(device: torch.device) -> bool:
+    """Whether the backward runs the head kernel on `device` (half coefficients)."""
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else PANEL_CAPABILITY
     return major in GRAD_HEAD_MAJORS
 
@@ -281,7 +284,8 @@ def ncl_terms_fwd(
                 *fs, *fa, B, L, Q, C, patch, D,
                 BM=sim_bm, BN=sim_bn, BK=_sim_bk(up, cl, patch), SPLITS=SIM_SPLITS, CHANNELS_LAST=cl,
                 UPCAST=up, PRECISION=precision, IDX64=wide, LOG_B=log_b, num_warps=sim_warps,
-                num_stages=SIM_STAGES_IEEE if up and precision == "ieee" else SIM_STAGES,
+                # (ieee with 64-bit offsets: one stage, as two spilled 16 B at p = 1 in NCHW on sm_90)
+                num_stages=(1 if wide else SIM_STAGES_IEEE) if up and precision == "ieee" else SIM_STAGES,
             )
         _ncl_stats_fwd_kernel[(triton.cdiv(L, STATS_BX), B)](
             feat, anchor_pos, anchor_neg, perm, counts, plan, colpart, apart, ws, slot, nrm, sa, lse, w, nrma,
@@ -408,13 +412,14 @@ def ncl_terms_bwd(
                 ws, gws, plan, counts, sched[2], lse, w, nrm, rdot, cdot, B, L, n_cn, n_cm, g_cap, EPS,
                 BM=COEF_BM, BN=COEF_BN, HALF_COEF=half, LOG_B=_log2_ceil(B), num_warps=NUM_WARPS, num_stages=1,
             )
-            # 2. the two GEMMs and the epilogue, one program per (row tile, image, chunk of D)
-            # (no panel with 64-bit offsets: there the grouped kernel spills on sm_90, 12-60 B)
-            # images with |P| <= GRAD_HEAD take the head kernel where it runs (half coefficients, sm_90):
-            # then the grouped kernel's panel (for |P| <= GRAD_PANEL) has no image, and is left out
+            # 2. the two GEMMs and the epilogue: images with |P| <= GRAD_HEAD take the head kernel where
+            # it runs (half coefficients, sm_90), one program per (image, chunk of D), and the grouped
+            # kernel's panel (for |P| <= GRAD_PANEL) then has no image; the grouped kernel, one program
+            # per (row tile, image, chunk of D), takes the others. Neither the head kernel nor the
+            # panel with 64-bit offsets (the grouped kernel spilled 12-60 B there on sm_90)
             head = grad_head_tiles(patch, cl) if half and not wide and _grad_head(feat.device) else None
             panel = 0 if wide or head is not None else _grad_panel(feat.device)
-            tiles = grad_tiles(up, half, patch == 1 and not cl, panel)
+            tiles = grad_tiles(up, half, patch == 1 and not cl, panel, wide)
             n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
             n_grp = triton.cdiv(n_tx_s, tiles["GROUP"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)
@@ -438,6 +443,8 @@ def ncl_terms_bwd(
             )
         if bounded_any:
             bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D
+            if wide and patch == 1 and not cl:  # 64-bit gathers: half the chunk (the whole spilled 24-432 B)
+                bd //= 2
             # plain fp32 FMA: 8-wide K chunks, 4 warps and 1 stage (spill-free on sm_80 and sm_90)
             ieee = up and precision == "ieee"
             bk = (BLOCK_K_F32_IEEE if ieee else BLOCK_K_F32_BOUNDED) if up else BLOCK_K

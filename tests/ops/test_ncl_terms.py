@@ -592,6 +592,39 @@ def test_64bit_offset_kernels_match(path, gen, monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("path,patch,layout,dtype,precision", [
+    ("bounded", 1, "contiguous", torch.float32, "tf32x3"),
+    ("bounded", 1, "contiguous", torch.float16, "tf32x3"),
+    ("stored", 1, "contiguous", torch.float32, "ieee"),
+    ("stored", 2, "contiguous", torch.float16, "tf32x3"),
+], ids=["bounded-p1-fp32", "bounded-p1-fp16", "stored-p1-ieee", "stored-p2-half-coef"])
+def test_64bit_offset_tiles(path, patch, layout, dtype, precision, gen, monkeypatch):
+    # With 64-bit offsets some launches take other tiles, so that they do not spill: the
+    # bounded backward half its chunk of D at p = 1 in NCHW (D = 80: chunks of 32 and 64
+    # instead of 64 and 128), the similarity GEMM one stage with ieee, the grouped backward
+    # with half coefficients chunks of 64 (D = 68, as the head kernel is left out). Values
+    # and gradients against the reference.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_terms as k
+    from ncl_fast.kernels import patch_labels as kl
+
+    monkeypatch.setattr(k, "SIM_BUDGET", BUDGETS[path])
+    monkeypatch.setattr(k, "FP32_DOT_PRECISION", precision)
+    monkeypatch.setattr(k, "HALF_COEF_DTYPES", (torch.float16,))
+    channels = 80 if patch == 1 else 17
+    feat, labels, a_pos, a_neg = make_case((2, channels, 18, 18, patch), "blobs", gen, dtype=dtype)
+    if layout == "channels_last":
+        feat = feat.to(memory_format=torch.channels_last)
+    monkeypatch.setattr(kl, "INT32_SPAN", 0)
+    assert kl.needs_64bit_offsets(feat)
+    tau = 0.15
+    grad_out = torch.rand(2, 3, generator=gen) + 0.5
+    got, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, patch, tau, grad_out)
+    check(got, oracles.ncl_terms(feat, labels, a_pos, a_neg, patch, tau), *SAME_VALUES[dtype])
+    _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, patch, tau, grad_out)
+    check_grads(grads, want, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("path", ["stored", "bounded"])
 def test_several_row_tiles_and_chunks_of_d(path, dtype, gen, monkeypatch):

@@ -5,9 +5,9 @@ here; the stored path's backward keeps two blocks per SM and loads G in 128-bit
 vectors; the Hopper builds of the GEMMs use wgmma.
 
 The variants: the report's representative subset (`--subset`: every kernel, p = 8, 4
-and 1, fp32 tf32x3 and ieee, bf16, fp16, both layouts, both architectures). The whole
-set (every combination; about half an hour on 2 cores) runs with
-NCL_FAST_KERNEL_REPORT=full."""
+and 1, fp32 tf32x3 and ieee, bf16, fp16, both layouts, 32-bit and 64-bit offsets, both
+architectures). The whole set (every combination; about 11 minutes on 2 cores) runs
+with NCL_FAST_KERNEL_REPORT=full."""
 import json
 import os
 import subprocess
@@ -66,10 +66,12 @@ def test_kernels_compile_for_sm90_and_sm80_without_new_spills(tmp_path):
     # every p, precision and layout, and (below) every kernel of each variant on both
     # architectures
     variants = data["variants"]
-    assert len(variants) == (3 * 4 * 2 if full else 7)
+    assert len(variants) == (3 * 4 * 4 if full else 10)
     assert {p for *_, p in variants} == {8, 4, 1}
     assert {d for _, d, _, _ in variants} == {"float32", "float32:ieee", "bfloat16", "float16"}
-    assert {lay for _, _, lay, _ in variants} == {"contiguous", "channels_last"}
+    # both layouts, each with 32-bit and with 64-bit offsets (a map whose image spans past 2^31)
+    assert {lay for _, _, lay, _ in variants} == {"contiguous", "channels_last", "contiguous+int64",
+                                                  "channels_last+int64"}
     names = {f"{s}, {d}, {lay}" for s, d, lay, _ in variants}
     rows = {(r[0], r[1], r[2]): r for r in data["triton"]}
     for kernel in TRITON_KERNELS:
@@ -88,6 +90,13 @@ def test_kernels_compile_for_sm90_and_sm80_without_new_spills(tmp_path):
     assert len(grad) == 2 * len(names)
     for r in grad:
         assert int(str(r[8]).split()[0]) >= 2, r
+    # the head kernel (bf16 features, sm_90 only, 32-bit offsets: images with |P| <= 128): wgmma,
+    # one block per SM (by design: up to 255 registers, its sums held across the tiles)
+    head = [r for (kernel, _, _), r in rows.items() if kernel == "_ncl_grad_head_kernel"]
+    assert sorted(r[1] for r in head) == sorted(n for n in names if "bfloat16" in n and "int64" not in n) and head
+    assert {r[2] for r in head} == {"sm_90"}
+    for r in head:
+        assert r[9].startswith("wgmma") and int(str(r[8]).split()[0]) >= 1, r
     # ... and every load of G (fp32 G, or the half blocks Gc and Gr: rows padded to 16
     # bytes) is a 128-bit load or a 16-byte cp.async
     s_loads = [line for line in text.splitlines() if "tl.load(gc_b +" in line or "tl.load(gr_b +" in line]
