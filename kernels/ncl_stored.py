@@ -649,10 +649,10 @@ def _ncl_grad_head_kernel(
     """The stored backward of an image with |P| <= HEAD on one chunk of D (half
     coefficients). For each tile x of HEAD / 2 listed patches: the tampered rows' sums
     acc += Gc[P, x] @ f_x (K = every partner) and the tile's column GEMM from the tampered
-    features held by the program (`_head_cols`: G is read once, Gc alone), then its
+    features held by the program (`_head_col`: G is read once, Gc alone), then its
     epilogue; the tiles of rows [0, HEAD) (P first) come last and add acc. Patches past
-    the lists (contour) get zeros. The anchors' sums over every x go into entry 0 of the
-    image (`_ncl_anchor_grad_kernel` reads that one)."""
+    the lists (contour) get zeros. The anchors' sums go into each tile's entry, as the
+    grouped kernel's row tiles of HEAD / 2 write theirs (`_ncl_anchor_grad_kernel`)."""
     XB: tl.constexpr = HEAD // 2
     pid = tl.program_id(0)
     td = pid % n_td
