@@ -108,10 +108,14 @@ GRAD_PANEL_MAJORS = (9,)
 PANEL_CAPABILITY = 9
 
 
+def _major(device: torch.device) -> int:
+    """The compute capability's major of `device`; off a GPU, PANEL_CAPABILITY."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else PANEL_CAPABILITY
+
+
 def _grad_panel(device: torch.device) -> int:
     """The grad kernel's panel for `device` (0: one row tile a program, no panel)."""
-    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else PANEL_CAPABILITY
-    return GRAD_PANEL if major in GRAD_PANEL_MAJORS else 0
+    return GRAD_PANEL if _major(device) in GRAD_PANEL_MAJORS else 0
 
 
 #: Compute capabilities (majors) whose backward runs the head kernel
