@@ -256,8 +256,10 @@ class Shape:
         from ncl_fast.kernels import ncl_stored as k
         from ncl_fast.kernels import ncl_terms as t
 
-        panel = t.GRAD_PANEL if 9 in t.GRAD_PANEL_MAJORS and self.grad_head is None else 0
-        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last, panel)
+        head = self.grad_head is not None
+        panel = t.GRAD_PANEL if 9 in t.GRAD_PANEL_MAJORS and not head else 0
+        return k.grad_tiles(self.up, self.half_coef, self.patch == 1 and not self.channels_last, panel,
+                            narrow=head and self.patch < 8 and not self.channels_last)
 
     @property
     def grad_head(self) -> dict | None:
@@ -389,9 +391,9 @@ def _persistent_programs(s: Shape, per_sm: int, upper: int) -> int:
 
 
 def _k_plan(s: Shape) -> Launch:
-    """One program: the plan (B x 3 int64) and five work lists (5 x (B + 1) int32)."""
+    """One program: the plan (B x 3 int64) and seven work lists (7 x (B + 1) int32)."""
     out = Launch("_ncl_plan_kernel", "fwd")
-    out.add(Prog(loaded=8 * s.B, stored=5 * 4 + 3 * 8 * s.B + 5 * 4 * s.B))
+    out.add(Prog(loaded=8 * s.B, stored=7 * 4 + 3 * 8 * s.B + 7 * 4 * s.B))
     out.hbm_read += 8 * s.B
     return out
 
@@ -616,16 +618,18 @@ def _k_coef(s: Shape) -> Launch | None:
 
 
 def _k_grad(s: Shape) -> Launch | None:
-    """The backward GEMMs. Programs are not balanced: a tile of tampered rows runs K = 2|P| +
-    |N| partners, the others |P|; the launch orders them heavy first. Its `program` time (the
-    heaviest program on one SM's share) is what would show a binding one: at stage 1 in bf16
-    (sm_90: groups and panel) 11.4 us against the launch's 28.3 us (L2) at [93, 877, 54] and
-    25.1 against 76.4 us at [300, 650, 74]; in fp32 11.2 against 80.6 and 13.1 against 195.7 us. A program takes
-    GROUP row tiles (tx = r, r + n_grp, ...) and, with PANEL > 0 (bf16 on sm_90), loads the
-    tampered partners' features once for them where |P| <= PANEL."""
+    """The backward GEMMs over the items (row group, listed image, chunk of D) of the stored
+    images the head kernel leaves (all of them where it does not run): beside the head
+    kernel, persistent programs (GRAD_PER_SM per SM: program pid takes items pid, pid +
+    programs, ...); else a grid of every image's items (program pid takes item pid). Items are not
+    balanced: a tile of tampered rows runs K = 2|P| + |N| partners, the others |P|; the
+    order puts them first. The launch's `program` time (the heaviest program on one SM's
+    share) is what would show a binding one. An item takes GROUP row tiles (tx = r, r +
+    n_grp, ...) and, with PANEL > 0 (bf16 on sm_90), loads the tampered partners' features
+    once for them where |P| <= PANEL."""
     from ncl_fast.kernels import ncl_stored as k
 
-    stored_any, check = s.paths()
+    stored_any = s.paths()[0]
     if not stored_any:
         return None
     tiles, half = s.grad_tiles, s.half_coef
@@ -638,16 +642,22 @@ def _k_grad(s: Shape) -> Launch | None:
     # or Gc and Gr in the features' half type, already scaled
     ge, nb = (e, 0) if half else (4, 4)
     out = Launch("_ncl_grad_kernel", "bwd")
-    flag = 8 if check else 0  # the plan's stored flag, where both paths can run
-
     head = s.grad_head["HEAD"] if s.grad_head else 0
-    for p, n, u, t1, st in s.images():
+    imgs = list(s.images())
+    # the work list (_ncl_plan_kernel's kind 5, or 6 beside the head kernel): the stored images
+    # the head kernel leaves, 1 each
+    listed = [int(st and not (head and p <= head)) for p, n, u, t1, st in imgs]
+    work = Work(s, listed)
+    n_td = cdiv(D, bd)
+    items = []
+    for t in range(n_grp * work.total * n_td):  # row group (slowest), listed image, chunk of D
+        td, rest = t % n_td, t // n_td
+        b = work.find(rest % work.total, start=False)
+        r = rest // work.total
+        p, n, u, t1, st = imgs[b]
         ld = g_ld(p, n) if half else ws_ld(p, n)
         on_pan = bool(panel) and t1 and p <= panel
-        if st and head and p <= head:  # the head kernel's image: every program returns after |P|
-            out.add(Prog(loaded=flag + 4), n_grp * sum(reps for _, reps in chunks(D, bd)), working=False)
-            out.hbm_read += flag + 4
-            continue
+        kw = min(bd, D - td * bd)
 
         def one(x0: int, kw: int, first: bool) -> tuple[Prog, bool]:
             """One row tile's share of its program (past the program's counts), and whether it works."""
@@ -691,29 +701,24 @@ def _k_grad(s: Shape) -> Launch | None:
                 g.stored += 8
             return g, True
 
-        for ci, (kw, reps) in enumerate(chunks(D, bd)):
-            for r in range(n_grp):
-                if not st:
-                    out.add(Prog(loaded=flag), reps, working=False)
-                    continue
-                firsts = [True, False] if ci == 0 else [False]  # the group that holds chunk 0
-                for first in firsts:
-                    count = 1 if first else reps - int(ci == 0)
-                    g = Prog(loaded=flag + 8)  # counts
-                    if on_pan and r * bx < u:  # the panel (for a group with a listed patch): perm, features
-                        g.loaded += 4 * p + p * kw * e
-                    working = False
-                    for gi in range(group):
-                        t, w = one((r + gi * n_grp) * bx, kw, first)
-                        working |= w
-                        g.loaded += t.loaded
-                        g.stored += t.stored
-                        g.sfu += t.sfu
-                        for c, v in t.macs.items():
-                            g.dot(c, v)
-                    out.add(g, count, working=working)
-        out.hbm_read += flag
-        if st:
+        g = Prog(loaded=4 * s.log_b + 8)  # the binary search; counts
+        if on_pan and r * bx < u:  # the panel (for a group with a listed patch): perm, features
+            g.loaded += 4 * p + p * kw * e
+        for gi in range(group):
+            x, _ = one((r + gi * n_grp) * bx, kw, td == 0)
+            g.loaded += x.loaded
+            g.stored += x.stored
+            g.sfu += x.sfu
+            for c, v in x.macs.items():
+                g.dot(c, v)
+        items.append(g)
+    # persistent programs beside the head kernel; else a grid of every image's items
+    n_items = n_grp * s.B * n_td
+    _persistent(out, items, _persistent_programs(s, k.GRAD_PER_SM, n_items) if head else n_items)
+    out.hbm_read += work.hbm
+    for (p, n, u, t1, st), on in zip(imgs, listed):
+        if on:
+            ld = g_ld(p, n) if half else ws_ld(p, n)
             out.hbm_read += 4 * L + (8 if u == 0 else 12 + 12 + 16 + 8 + 4 * u + 8 * u + u * D * e + 2 * D * e)
             if t1:  # (the blocks' offset,) lam and W of P, G (Gc and Gr), the partial sums
                 out.hbm_read += (2 * ge * p * ld if half else 8 + 4 * p * ld) + 8 * p

@@ -144,7 +144,8 @@ def _ncl_plan_kernel(
     sim_target,  # similarity items wanted per image (split-K fills up to it)
     n_k,  # the similarity GEMM's K chunks over D (cdiv(D, BK)): no part of D is left empty
     SIM_BM: tl.constexpr, SIM_BN: tl.constexpr, SIM_SPLITS: tl.constexpr, ROWS_BM: tl.constexpr,
-    COEF_BM: tl.constexpr, COEF_BN: tl.constexpr, PAIR_BM: tl.constexpr, BLOCK_B: tl.constexpr,
+    COEF_BM: tl.constexpr, COEF_BN: tl.constexpr, PAIR_BM: tl.constexpr, GRAD_HEAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """The workspace plan and the work lists of the persistent kernels, in one program:
     an image is stored when its block S (|P| rows of ld) fits its slot; its similarity
@@ -153,14 +154,18 @@ def _ncl_plan_kernel(
     undefined or the image is not stored): kind 0 the similarity tiles x splits, kind 1
     the row blocks of the row pass, kind 2 the tiles of the coefficient pass; then for
     the bounded images, kind 3 the row blocks of the bounded forward (where t1 is
-    defined) and kind 4 the images themselves (1 each). The prefix sums run over the
+    defined) and kind 4 the images themselves (1 each); for the stored backward's grouped
+    kernel, kind 5 the stored images (1 each) and kind 6 those with |P| > GRAD_HEAD (the
+    head kernel, where it runs, takes the others). The prefix sums run over the
     batch in blocks of BLOCK_B (a cumsum each, no loop over images)."""
     carry_sim = tl.zeros([], dtype=tl.int32)
     carry_rows = tl.zeros([], dtype=tl.int32)
     carry_coef = tl.zeros([], dtype=tl.int32)
     carry_pair = tl.zeros([], dtype=tl.int32)
     carry_bnd = tl.zeros([], dtype=tl.int32)
-    for kind in tl.static_range(5):
+    carry_st = tl.zeros([], dtype=tl.int32)
+    carry_big = tl.zeros([], dtype=tl.int32)
+    for kind in tl.static_range(7):
         tl.store(sched_ptr + kind * (B + 1), carry_sim)
     for b0 in range(0, B, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
@@ -197,6 +202,12 @@ def _ncl_plan_kernel(
         carry_coef += tl.sum(n_coef, 0)
         carry_pair += tl.sum(n_pair, 0)
         carry_bnd += tl.sum(n_bnd, 0)
+        n_st = (stored & bm).to(tl.int32)
+        n_big = (stored & bm & (n_p > GRAD_HEAD)).to(tl.int32)
+        tl.store(sched_ptr + 5 * (B + 1) + 1 + bs, carry_st + tl.cumsum(n_st, 0), mask=bm)
+        tl.store(sched_ptr + 6 * (B + 1) + 1 + bs, carry_big + tl.cumsum(n_big, 0), mask=bm)
+        carry_st += tl.sum(n_st, 0)
+        carry_big += tl.sum(n_big, 0)
 
 
 @triton.jit

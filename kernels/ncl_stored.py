@@ -28,13 +28,13 @@ Backward:
   row, over a column tile) and sum_m G_mx s_mx (per column, over a row tile). With
   half coefficients (bf16 features) it writes G already scaled and rounded, twice:
   Gc_my = G_my / |f_y| and Gr_my = G_my / |f_m| in the features' half type;
-* `_ncl_grad_kernel`: one program per (row tile of patches x, chunk of D) (on sm_90 with
+* `_ncl_grad_kernel`: per item (row tile x, listed image, chunk of D; see GRAD_PER_SM) (on sm_90 with
   half coefficients and the head kernel off, per GRAD_GROUP row tiles, sharing one load
   of the tampered partners' features on the chunk: GRAD_PANEL): the two plain GEMMs of the floor,
   G[x, :] @ hat F (x in P) + G[:, x]^T @ hat F_P, whose K
   loops only load and multiply (Gc's rows and Gr's columns with the features; fp32
   G is scaled by 1/|f| in the loop); then the anchors' share and the normalization's
-  backward. Programs are ordered row tile first, so that the tiles of tampered rows
+  backward. Items are ordered row tile first, so that the tiles of tampered rows
   (the longest: K = 2|P| + |N| against |P|) start first (at the paper's shapes the
   longest program stays well inside the launch's L2-bound time: no balancing);
 * `_ncl_grad_head_kernel` (sm_90, half coefficients, images with |P| <= GRAD_HEAD, in
@@ -122,17 +122,26 @@ GRAD_BY_F16 = 16
 # (456-572 B), so sm_80 keeps one row tile a program and no panel.
 GRAD_GROUP = 4
 GRAD_PANEL = 128
+# Beside the head kernel the grouped kernel runs persistent programs over its work list
+# (the images with |P| > GRAD_HEAD: none at the paper's 15 %), GRAD_PER_SM per SM (two
+# resident, two queued: items differ in length), instead of a grid of every image's items
+# whose programs mostly return (2,048 at stage 1). Only there: within 128 registers the
+# loop spilled 8-368 B on sm_80 and in fp32.
+GRAD_PER_SM = 4
 
 
-def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0, wide: bool = False) -> dict:
+def grad_tiles(up: bool, half_coef: bool, gather: bool, panel: int = 0, wide: bool = False,
+               narrow: bool = False) -> dict:
     """The grad kernel's tile sizes and launch options: `up` for fp32 operands (fp32
     features), `half_coef` for coefficients in the features' half type (bf16), `gather`
     where a patch's values are a channel apart (p = 1, NCHW); `panel` > 0 (half
     coefficients only): GRAD_GROUP row tiles a program and a panel of up to `panel`
     tampered partners (see GRAD_PANEL); `wide`: 64-bit offsets (half coefficients: the
-    gathers' chunk of D, as 128 spilled 8-32 B at p = 4 in NCHW)."""
+    gathers' chunk of D, as 128 spilled 8-32 B at p = 4 in NCHW); `narrow` (half
+    coefficients): the gathers' chunk too (the persistent launch at p < 8 in NCHW, where
+    128 spilled 16 B on sm_90 at p = 4)."""
     if half_coef:
-        bd = GRAD_BD_GATHER if gather or wide else GRAD_BD
+        bd = GRAD_BD_GATHER if gather or wide or narrow else GRAD_BD
         if panel:
             return dict(BX=GRAD_BX, BY=GRAD_BY, BD=bd, GROUP=GRAD_GROUP, PANEL=panel, num_warps=GRAD_WARPS,
                         num_stages=GRAD_STAGES, maxnreg=GRAD_MAXNREG)
@@ -381,40 +390,22 @@ def _ncl_coef_kernel(
 
 
 @triton.jit
-def _ncl_grad_kernel(
-    feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (uncovered cells are the caller's)
-    apos_ptr, aneg_ptr,
-    perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
-    gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
-    plan_ptr, g_ptr,  # the coefficients of each stored image (_ncl_coef_kernel: fp32 G, or Gc and Gr)
-    rdot_ptr, cdot_ptr,  # the coefficient pass's partial sums (see _ncl_coef_kernel)
-    apart_ptr, adots_ptr,  # (B, n_tx, 2, D), (B, n_tx, 2) fp32 out: the anchors' gradients' sums per row tile
-    stride_fb, stride_fc, stride_fy, stride_fx,
-    stride_gb, stride_gc, stride_gy, stride_gx,
-    stride_ab, stride_ad, stride_nb, stride_nd,
-    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
+def _grad_item(
+    t, n_img, feat_ptr, grad_ptr, apos_ptr, aneg_ptr, perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr,
+    w_ptr, lsea_ptr, wa_ptr, gout_ptr, plan_ptr, g_ptr, rdot_ptr, cdot_ptr, apart_ptr, adots_ptr, sched_ptr,
+    stride_fb, stride_fc, stride_fy, stride_fx, stride_gb, stride_gc, stride_gy, stride_gx, stride_ab, stride_ad,
+    stride_nb, stride_nd, B, L, Q, C, P_: tl.constexpr, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
     BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, PANEL: tl.constexpr, CM: tl.constexpr,
     CN: tl.constexpr, CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr,
-    IDX64: tl.constexpr, CHECK_STORED: tl.constexpr, HEAD: tl.constexpr,
+    IDX64: tl.constexpr, LOG_B: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # program order: row group (slowest), image, chunk of D (fastest); group r takes the
-    # row tiles r, r + n_grp, ... (the tampered tiles, first, land in different programs)
-    td = pid % n_td
-    rest = pid // n_td
-    b = (rest % B).to(tl.int64)
-    grp = rest // B
-    # int64 offsets where an image can span past 2^31 elements
-    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
-    stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
-    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
-    if CHECK_STORED:  # both paths run in this batch: the bounded kernel does this image
-        if _is_stored(plan_ptr, b) == 0:
-            return
+    """Item t of the grouped kernel: (row group (slowest), listed image, chunk of D
+    (fastest)), n_img listed images (see `_ncl_grad_kernel`)."""
+    td = t % n_td
+    rest = t // n_td
+    b = _find_image(sched_ptr, rest % n_img, B, LOG_B).to(tl.int64)
+    grp = rest // n_img
     n_p = tl.load(counts_ptr + b * 3)
-    if HEAD > 0:  # the head kernel (_ncl_grad_head_kernel) does the images with |P| <= HEAD
-        if n_p <= HEAD:
-            return
     n_n = tl.load(counts_ptr + b * 3 + 1)
     n_used = n_p + n_n
     t1 = (n_p >= 2) & (n_n >= 1)
@@ -544,6 +535,58 @@ def _ncl_grad_kernel(
                 _anchor_parts(apart_ptr, adots_ptr, b, tx, n_tx, td == 0, rows, xmask, c_pos, c_neg, nrm_x, fx,
                               canon, kdmask, sa_ptr, L, D, eps, PRECISION)
 
+
+
+
+
+@triton.jit
+def _ncl_grad_kernel(
+    feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (uncovered cells are the caller's)
+    apos_ptr, aneg_ptr,
+    perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr, lse_ptr, w_ptr, lsea_ptr, wa_ptr,
+    gout_ptr,  # (B, 3) fp32: dL/d(t1, t2, t3)
+    plan_ptr, g_ptr,  # the coefficients of each stored image (_ncl_coef_kernel: fp32 G, or Gc and Gr)
+    rdot_ptr, cdot_ptr,  # the coefficient pass's partial sums (see _ncl_coef_kernel)
+    apart_ptr, adots_ptr,  # (B, n_tx, 2, D), (B, n_tx, 2) fp32 out: the anchors' gradients' sums per row tile
+    sched_ptr,  # (B + 1,) int32: the prefix sums of the images this launch takes (1 each: _ncl_plan_kernel)
+    stride_fb, stride_fc, stride_fy, stride_fx,
+    stride_gb, stride_gc, stride_gy, stride_gx,
+    stride_ab, stride_ad, stride_nb, stride_nd,
+    B, L, Q, C, P_: tl.constexpr, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, eps,
+    BX: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, PANEL: tl.constexpr, CM: tl.constexpr,
+    CN: tl.constexpr, CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr, HALF_COEF: tl.constexpr,
+    IDX64: tl.constexpr, LOG_B: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # int64 offsets where an image can span past 2^31 elements
+    stride_fc, stride_fy, stride_fx = _wide(stride_fc, IDX64), _wide(stride_fy, IDX64), _wide(stride_fx, IDX64)
+    stride_gc, stride_gy, stride_gx = _wide(stride_gc, IDX64), _wide(stride_gy, IDX64), _wide(stride_gx, IDX64)
+    stride_ad, stride_nd = _wide(stride_ad, IDX64), _wide(stride_nd, IDX64)
+    # the items (row group (slowest), image, chunk of D (fastest)) of the images of the work
+    # list (the stored images the head kernel leaves): group r takes the row tiles r, r +
+    # n_grp, ... (the tampered tiles, first, land in different items). PERSISTENT: programs
+    # loop over items pid, pid + programs, ...; else program pid takes item pid (a grid of
+    # every image's items; see GRAD_PER_SM)
+    n_img = tl.load(sched_ptr + B)
+    total = n_grp * n_img * n_td
+    if PERSISTENT:
+        for t in range(pid, total, nprog):
+            _grad_item(
+                t, n_img, feat_ptr, grad_ptr, apos_ptr, aneg_ptr, perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr,
+                lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, plan_ptr, g_ptr, rdot_ptr, cdot_ptr, apart_ptr, adots_ptr,
+                sched_ptr, stride_fb, stride_fc, stride_fy, stride_fx, stride_gb, stride_gc, stride_gy, stride_gx,
+                stride_ab, stride_ad, stride_nb, stride_nd, B, L, Q, C, P_, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap,
+                inv_tau, eps, BX, BY, BD, GROUP, PANEL, CM, CN, CHANNELS_LAST, PRECISION, HALF_COEF, IDX64, LOG_B,
+            )
+    elif pid < total:
+        _grad_item(
+            pid, n_img, feat_ptr, grad_ptr, apos_ptr, aneg_ptr, perm_ptr, counts_ptr, nrm_ptr, nrma_ptr, sa_ptr,
+            lse_ptr, w_ptr, lsea_ptr, wa_ptr, gout_ptr, plan_ptr, g_ptr, rdot_ptr, cdot_ptr, apart_ptr, adots_ptr,
+            sched_ptr, stride_fb, stride_fc, stride_fy, stride_fx, stride_gb, stride_gc, stride_gy, stride_gx,
+            stride_ab, stride_ad, stride_nb, stride_nd, B, L, Q, C, P_, D, n_tx, n_grp, n_td, n_cn, n_cm, g_cap,
+            inv_tau, eps, BX, BY, BD, GROUP, PANEL, CM, CN, CHANNELS_LAST, PRECISION, HALF_COEF, IDX64, LOG_B,
+        )
 
 
 # Half coefficients, images with |P| <= GRAD_HEAD (`ncl_terms._grad_head`): one program per

@@ -59,10 +59,11 @@ from .ncl_bounded import (BLOCK_D, BLOCK_D_F32_BOUNDED, BLOCK_K, BLOCK_K_F32_BOU
                           FWD_STAGES_IEEE, FWD_WARPS_HALF, FWD_WARPS_IEEE, NUM_WARPS_BWD, _ncl_pair_bwd_kernel,
                           _ncl_pair_fwd_kernel)
 from .ncl_common import EPS, NUM_WARPS, PLAN_COLS, WS_ALIGN
-from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, GRAD_PANEL, ROWS_BC, ROWS_BM, ROWS_PER_SM, SIM_BK_F32,
-                         SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM, SIM_SPLITS, SIM_STAGES,
-                         SIM_STAGES_IEEE, SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel, _ncl_grad_head_kernel,
-                         _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel, grad_head_tiles, grad_tiles)
+from .ncl_stored import (COEF_BM, COEF_BN, COEF_PER_SM, G_ALIGN, GRAD_PANEL, GRAD_PER_SM, ROWS_BC, ROWS_BM,
+                         ROWS_PER_SM, SIM_BK_F32, SIM_BK_HALF, SIM_BM, SIM_BM_F32, SIM_BN, SIM_BN_F32, SIM_PER_SM,
+                         SIM_SPLITS, SIM_STAGES, SIM_STAGES_IEEE, SIM_WARPS, SIM_WARPS_F32, _ncl_coef_kernel,
+                         _ncl_grad_head_kernel, _ncl_grad_kernel, _ncl_rows_kernel, _ncl_sim_kernel, grad_head_tiles,
+                         grad_tiles)
 from .patch_labels import _device_guard, needs_64bit_offsets
 
 #: True when Triton runs kernels on the CPU through its interpreter.
@@ -179,8 +180,9 @@ class NCLSaved(NamedTuple):
 
 
 #: Kinds of work item in `NCLSaved.sched` (see _ncl_plan_kernel): similarity tiles x splits,
-#: row blocks, coefficient tiles (stored path); row blocks, images (bounded path).
-SCHED_KINDS = 5
+#: row blocks, coefficient tiles (stored path); row blocks, images (bounded path); the
+#: stored images, and those with |P| > GRAD_HEAD (the stored backward's grouped kernel).
+SCHED_KINDS = 7
 #: SMs assumed under the interpreter (few: each persistent program then runs several items).
 INTERPRET_SMS = 2
 
@@ -276,7 +278,8 @@ def ncl_terms_fwd(
             counts, plan, sched, B, slot if stored_any else 0, triton.cdiv(SIM_PER_SM * _sm_count(dev), B),
             triton.cdiv(D, _sim_bk(up, cl, patch)),
             SIM_BM=sim_bm, SIM_BN=sim_bn, SIM_SPLITS=SIM_SPLITS, ROWS_BM=ROWS_BM, COEF_BM=COEF_BM, COEF_BN=COEF_BN,
-            PAIR_BM=BLOCK_M, BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=NUM_WARPS,
+            PAIR_BM=BLOCK_M, GRAD_HEAD=grad_head_tiles(patch, cl)["HEAD"],
+            BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=NUM_WARPS,
         )
         if stored_any:
             # persistent programs over the work lists (items: see _ncl_plan_kernel); the
@@ -423,14 +426,15 @@ def ncl_terms_bwd(
             # panel with 64-bit offsets (the grouped kernel spilled 12-60 B there on sm_90)
             head = grad_head_tiles(patch, cl) if half and not wide and _grad_head(feat.device) else None
             panel = 0 if wide or head is not None else _grad_panel(feat.device)
-            tiles = grad_tiles(up, half, patch == 1 and not cl, panel, wide)
+            tiles = grad_tiles(up, half, patch == 1 and not cl, panel, wide,
+                               narrow=head is not None and patch < 8 and not cl)
             n_tx_s, n_td = triton.cdiv(L, tiles["BX"]), triton.cdiv(D, tiles["BD"])
             n_grp = triton.cdiv(n_tx_s, tiles["GROUP"])
             # the anchors' gradients' sums per row tile (only tiles of listed patches of stored images are read)
             spart = torch.empty(B, n_tx_s, 2, D, dtype=torch.float32, device=feat.device)
             sdots = torch.empty(B, n_tx_s, 2, dtype=torch.float32, device=feat.device)
-            # the head kernel: one program per (image, chunk of D); the grouped kernel's programs of
-            # its images return at once
+            # the head kernel: one program per (image, chunk of D); the grouped kernel's persistent
+            # programs take the items of the other stored images (work list 6; all of them: 5)
             if head is not None:
                 assert head["HEAD"] == 2 * tiles["BX"]  # its tiles write the anchors' sums of the grouped kernel's
                 n_td_h = triton.cdiv(D, head["BD"])
@@ -439,11 +443,18 @@ def ncl_terms_bwd(
                     *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_td_h, n_cn, n_cm, g_cap, inv_tau, EPS,
                     CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl, IDX64=wide, CHECK_STORED=bounded_any, **head,
                 )
-            _ncl_grad_kernel[(_grid_check(n_grp * B * n_td, "the backward"),)](
+            # (beside the head kernel, whose images are most often all: persistent programs; else one
+            # program an item, on a grid of every image's items)
+            persistent = head is not None
+            n_items = n_grp * B * n_td
+            grid = (_persistent(feat.device, GRAD_PER_SM, n_items) if persistent
+                    else _grid_check(n_items, "the backward"))
+            _ncl_grad_kernel[(grid,)](
                 feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
-                *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_grp, n_td, n_cn, n_cm, g_cap, inv_tau, EPS,
-                CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl, PRECISION=precision if up else "tf32", HALF_COEF=half,
-                IDX64=wide, CHECK_STORED=bounded_any, HEAD=0 if head is None else head["HEAD"], **tiles,
+                sched[5 if head is None else 6], *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_grp, n_td, n_cn,
+                n_cm, g_cap, inv_tau, EPS, CM=COEF_BM, CN=COEF_BN, CHANNELS_LAST=cl,
+                PRECISION=precision if up else "tf32", HALF_COEF=half, IDX64=wide, LOG_B=_log2_ceil(B),
+                PERSISTENT=persistent, **tiles,
             )
         if bounded_any:
             bd = BLOCK_D_F32_BOUNDED if up else BLOCK_D

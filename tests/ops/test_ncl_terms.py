@@ -695,6 +695,34 @@ def test_persistent_work_lists_and_split_k(sms, gen, monkeypatch):
         assert splits[0] == 1, splits
 
 
+def test_work_lists_of_the_grouped_backward(gen, monkeypatch):
+    # The plan's work lists of the stored backward's grouped kernel (persistent: it visits only
+    # the images listed): kind 5 every stored image, kind 6 those with |P| > GRAD_HEAD (the
+    # head kernel takes the rest). A cap of 200 values per image: image 1 (a 12 x 32 block)
+    # takes the bounded path; image 3 (|P| = 1, t1 undefined) is stored (an empty block).
+    # GRAD_HEAD = 3 here: images 0 (|P| = 4) and 1 (|P| = 12, not stored) are above it.
+    require_backend("triton", "ncl_terms")
+    from ncl_fast.kernels import ncl_stored as ks
+    from ncl_fast.kernels import ncl_terms as k
+
+    monkeypatch.setattr(k, "SIM_BUDGET", 200 * 4 / 2**20)  # MiB
+    monkeypatch.setattr(ks, "GRAD_HEAD", 3)  # the head kernel's, which the plan follows
+    feat, labels, a_pos, a_neg = make_case((5, 4, 12, 12, 2), "blobs", gen)
+    sizes = [(4, 30), (12, 20), (2, 30), (1, 30), (3, 5)]  # (|P|, |N|), the rest contour
+    labels = torch.stack([
+        torch.tensor([1] * p_ + [0] * n_ + [2] * (36 - p_ - n_), dtype=torch.uint8)[torch.randperm(36, generator=gen)]
+        for p_, n_ in sizes
+    ])
+    from ncl_fast.kernels import patch_labels as kl
+
+    counts, perm = kl.patch_lists_fwd(labels)
+    _, saved = k.ncl_terms_fwd(feat, a_pos, a_neg, counts, perm, 2, (6, 6), 0.1)
+    assert saved.sched.shape == (k.SCHED_KINDS, 6)
+    assert saved.plan[:, 1].tolist() == [1, 0, 1, 1, 1]
+    assert saved.sched[5].tolist() == [0, 1, 1, 2, 3, 4]
+    assert saved.sched[6].tolist() == [0, 1, 1, 1, 1, 1]
+
+
 class _Launches:
     """Records the grids of a Triton kernel's launches, and launches it."""
 
@@ -797,8 +825,13 @@ def test_head_kernel_values(patch, layout, channels, gen, monkeypatch):
     grad_out = torch.rand(7, 3, generator=gen) + 0.5
     launches = _Launches(k._ncl_grad_head_kernel)
     monkeypatch.setattr(k, "_ncl_grad_head_kernel", launches)
+    grouped = _Launches(k._ncl_grad_kernel)
+    monkeypatch.setattr(k, "_ncl_grad_kernel", grouped)
     _, grads = terms_and_grads("triton", feat, labels, a_pos, a_neg, patch, tau, grad_out)
     assert launches.grids == [(7 * -(-D // tiles["BD"]),)]
+    # the grouped kernel's persistent programs, GRAD_PER_SM per SM (below its 7 x 5 x n_td items
+    # at most; its work list holds the image with |P| = 150 alone)
+    assert grouped.grids == [(ks.GRAD_PER_SM * k.INTERPRET_SMS,)]
     _, want = terms_and_grads("reference", feat, labels, a_pos, a_neg, patch, tau, grad_out)
     assert all(torch.isfinite(g).all() for g in grads)
     check_grads(grads, want, torch.float16)
@@ -843,7 +876,7 @@ def test_head_kernel_and_panel_are_left_out_with_64_bit_offsets(wide, head, gen,
     _, want = terms_and_grads("triton", feat, labels, a_pos, a_neg, 2, 0.2, grad_out)
     panels = []
     grad_tiles = k.grad_tiles
-    monkeypatch.setattr(k, "grad_tiles", lambda *a: panels.append(a[3]) or grad_tiles(*a))
+    monkeypatch.setattr(k, "grad_tiles", lambda *a, **kw: panels.append(a[3]) or grad_tiles(*a, **kw))
     launches = _Launches(k._ncl_grad_head_kernel)
     monkeypatch.setattr(k, "_ncl_grad_head_kernel", launches)
     if wide:
