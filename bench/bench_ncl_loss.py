@@ -15,9 +15,10 @@ bounded path (no similarity workspace: the first design's kernels),
 skipped for the others). Against the default on sm_90: `triton:GRAD_HEAD_MAJORS=`
 (the backward without its head kernel: the grouped kernel with its row groups and
 panel of tampered partners' features for every image; bf16), with `:GRAD_PANEL=0` too
-(one row tile a program, as on sm_80), and the candidate `triton:SIM_BN=128` (the
-similarity GEMM's 128 columns per item, half features; one block per SM). An empty
-value sets a tuple attribute to ().
+(one row tile a program, as on sm_80), and the candidates `triton:SIM_BN=128` (the
+similarity GEMM's 128 columns per item, half features; one block per SM) and
+`triton:SIM_BN=128:SIM_SPLITS=5` (at most 5 parts of D per image: fewer partial blocks
+to write and add, fewer items per SM). An empty value sets a tuple attribute to ().
 
 Floors, per batch (|P_b|, |N_b| the tampered / authentic patch counts):
   FLOP forward  = sum_b 2 D |P_b| (|P_b| + |N_b|)  (the similarities the loss needs)

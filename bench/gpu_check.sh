@@ -73,11 +73,13 @@ run_part ncl 200 $py bench/bench_ncl_loss.py --profile ${NCL_BENCH_ARGS:-}
 # tampered area (|P| <= 128 per image at stage 1, where the head kernel and the panel apply):
 # the backward without the head kernel (GRAD_HEAD_MAJORS=: the grouped kernel with its panel, the
 # default before), and without the panel too (as on sm_80); the similarity GEMM's 128-column
-# items (SIM_BN=128); channels_last (as the training step passes them; SIM_BN=128 costs its
-# second block per SM there) and contiguous (one block per SM either way)
-run_part ncl_candidates 240 $py bench/bench_ncl_loss.py --dtypes bfloat16 --layouts channels_last,contiguous \
+# items (SIM_BN=128), and with at most 5 parts of D (SIM_SPLITS=5: the work model's best at
+# [93, 877, 54], 1.48x the floor, at 1.2 items per SM); channels_last (as the training step
+# passes them; SIM_BN=128 costs its second block per SM there) and contiguous (one block per
+# SM either way)
+run_part ncl_candidates 280 $py bench/bench_ncl_loss.py --dtypes bfloat16 --layouts channels_last,contiguous \
   --stages "stage 1" --no-compile --profile --area 0.08,0.12 \
-  --variants triton,triton:GRAD_HEAD_MAJORS=,triton:GRAD_HEAD_MAJORS=:GRAD_PANEL=0,triton:SIM_BN=128
+  --variants triton,triton:GRAD_HEAD_MAJORS=,triton:GRAD_HEAD_MAJORS=:GRAD_PANEL=0,triton:SIM_BN=128,triton:SIM_BN=128:SIM_SPLITS=5
 run_part pc 90 $py bench/bench_pc_loss.py ${PC_BENCH_ARGS:-}
 # the training step eager (fp32 and bf16), then compiled and with CUDA graphs (bf16), the profiler's top kernels of each
 run_part step 120 $py bench/bench_train_step.py --no-compile --no-train --profile ${STEP_ARGS:-}
