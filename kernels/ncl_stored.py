@@ -536,9 +536,9 @@ def _grad_item(
                               canon, kdmask, sa_ptr, L, D, eps, PRECISION)
 
 
-
-
-
+# The grouped kernel's launch: its items (row group, listed image, chunk of D) come from
+# the plan's work list, `_grad_item` doing one: one a program, or beside the head kernel
+# persistent programs over them (see GRAD_PER_SM).
 @triton.jit
 def _ncl_grad_kernel(
     feat_ptr, grad_ptr,  # (B, C, h, w) in, and its gradient out (uncovered cells are the caller's)

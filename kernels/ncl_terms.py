@@ -445,10 +445,10 @@ def ncl_terms_bwd(
                 )
             # (beside the head kernel, whose images are most often all: persistent programs; else one
             # program an item, on a grid of every image's items)
+            # (the item count's bound is checked either way: the kernel forms item indices below it in int32)
             persistent = head is not None
-            n_items = n_grp * B * n_td
-            grid = (_persistent(feat.device, GRAD_PER_SM, n_items) if persistent
-                    else _grid_check(n_items, "the backward"))
+            n_items = _grid_check(n_grp * B * n_td, "the backward")
+            grid = _persistent(feat.device, GRAD_PER_SM, n_items) if persistent else n_items
             _ncl_grad_kernel[(grid,)](
                 feat, grad_feat, anchor_pos, anchor_neg, *common, gws, rdot, cdot, spart, sdots,
                 sched[5 if head is None else 6], *fs, *gs, *as_, B, L, Q, C, patch, D, n_tx_s, n_grp, n_td, n_cn,
